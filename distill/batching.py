@@ -1,0 +1,99 @@
+"""Turning data-loader batches (images + captions, or cached latents + embeddings) into latent batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .conditioning import Cond, TextConditioner
+from .methods.base import LatentBatch
+
+
+class BatchEncoder:
+    """VAE-encodes images and text-encodes captions, then drops prompts with probability p for CFG."""
+
+    def __init__(self, vae, conditioner: TextConditioner, proportion_empty_prompts: float = 0.0,
+                 vae_encode_batch_size: int = 8):
+        if not 0.0 <= proportion_empty_prompts <= 1.0:
+            raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {proportion_empty_prompts}")
+        self.vae = vae
+        self.conditioner = conditioner
+        self.proportion_empty_prompts = proportion_empty_prompts
+        self.vae_encode_batch_size = vae_encode_batch_size
+        self._uncond: Cond | None = None
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """z = scaling_factor * sample of the VAE posterior (Rombach et al. 2022, sec. 3)."""
+        chunks = []
+        for chunk in pixel_values.split(self.vae_encode_batch_size):
+            chunk = chunk.to(self.vae.device, self.vae.dtype)
+            chunks.append(self.vae.encode(chunk).latent_dist.sample())
+        return torch.cat(chunks).float() * self.vae.config.scaling_factor
+
+    def encode_text(self, batch: dict) -> Cond:
+        """The prompt condition of an image batch (SDXL also gets its micro-conditioning)."""
+        return self.conditioner.encode(batch["caption"], batch.get("original_size"), batch.get("crop_top_left"))
+
+    def uncond(self, batch_size: int) -> Cond:
+        """The empty-prompt condition, computed once."""
+        if self._uncond is None:
+            self._uncond = self.conditioner.unconditional(1)
+        return Cond(*(None if t is None else t.expand(batch_size, *t.shape[1:]) for t in self._uncond.tensors()))
+
+    def __call__(self, batch: dict, device) -> LatentBatch:
+        """A LatentBatch on ``device`` from either raw or cached batch contents."""
+        if "latents" in batch:
+            latents = batch["latents"].float()
+            cond = Cond(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"), batch.get("time_ids"))
+        else:
+            latents = self.encode_images(batch["pixel_values"])
+            cond = self.encode_text(batch)
+        latents, cond = latents.to(device), cond.to(device, torch.float32)
+        uncond = self.uncond(len(latents)).to(device, torch.float32)
+        if uncond.time_ids is not None:  # micro-conditioning describes the image, not the prompt
+            uncond = Cond(uncond.prompt_embeds, uncond.pooled_prompt_embeds, cond.time_ids)
+        if self.proportion_empty_prompts > 0:
+            keep = torch.rand(len(latents)) >= self.proportion_empty_prompts
+            cond = cond.where(keep, uncond)
+        return LatentBatch(latents, cond, uncond)
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """Latents and text embeddings of a whole dataset, computed once and stored as safetensors."""
+
+    KEYS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors["latents"])
+
+    def __getitem__(self, index: int) -> dict:
+        return {k: v[index] for k, v in self.tensors.items()}
+
+    @classmethod
+    def build(cls, dataset, collate_fn, encoder: BatchEncoder, path: Path, batch_size: int = 8,
+              show_progress: bool = True) -> "CachedLatents":
+        """Encode ``dataset`` once (or load the file at ``path`` if it exists)."""
+        from safetensors.torch import load_file, save_file
+
+        if path.is_file():
+            return cls(load_file(path))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in cls.KEYS}
+        for batch in tqdm(loader, desc="Caching latents and text embeddings", disable=not show_progress):
+            cond = encoder.encode_text(batch)
+            values = (encoder.encode_images(batch["pixel_values"]), *cond.tensors())
+            for key, value in zip(cls.KEYS, values):
+                if value is not None:
+                    parts[key].append(value.float().cpu())
+        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        save_file(tensors, partial)
+        partial.replace(path)
+        return cls(tensors)

@@ -1,0 +1,496 @@
+"""The real-data built-in default: scikit-learn's 8x8 handwritten digits as a tiny text-to-image task.
+
+scikit-learn ships 1,797 8x8 digit images (``sklearn.datasets.load_digits``), so everything here works
+offline. The digits are upsampled to 32x32 RGB (white digit on black) and captioned
+"a handwritten digit seven". This module provides:
+
+* a fixed, stratified train/test split and a Hugging Face "imagefolder" export of it;
+* a small latent-diffusion teacher trained on the train split in a few CPU minutes and saved in the
+  standard diffusers Stable Diffusion layout (reusing the tiny model builders of ``distill.tiny``);
+* a small CNN digit classifier (accuracy against the prompted digit, and features for a
+  Frechet distance) and the Frechet distance itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from distill.errors import DistillError
+
+logger = logging.getLogger(__name__)
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+IMAGE_SIZE = 32
+SPLITS = ("train", "test")
+SPLIT_SEED = 0
+TEST_FRACTION = 0.2
+METADATA_FILE = "metadata.jsonl"
+TEACHER_MARKER = "digits_teacher.json"
+TEACHER_FORMAT = 1
+TEXT_HIDDEN_SIZE = 32
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def caption_for(label: int) -> str:
+    """The caption of a digit class, e.g. 7 -> "a handwritten digit seven"."""
+    return f"a handwritten digit {DIGIT_WORDS[int(label)]}"
+
+
+@functools.lru_cache(maxsize=1)
+def _all_digits() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 digits upsampled to uint8 N x 32 x 32 x 3, with their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return _upsample(digits.images), digits.target.astype(np.int64)
+
+
+def _upsample(images8: np.ndarray) -> np.ndarray:
+    """Bilinearly upsample N x 8 x 8 digits with values 0..16 to uint8 RGB N x 32 x 32 x 3 (0..255)."""
+    small = torch.from_numpy(images8.astype(np.float32) * (255.0 / 16.0))[:, None]
+    large = F.interpolate(small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    gray = large.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+@functools.lru_cache(maxsize=1)
+def _split_indices() -> dict[str, np.ndarray]:
+    """Sorted indices of the fixed stratified 80/20 train/test split."""
+    from sklearn.model_selection import train_test_split
+
+    labels = _all_digits()[1]
+    train, test = train_test_split(
+        np.arange(len(labels)), test_size=TEST_FRACTION, stratify=labels, random_state=SPLIT_SEED
+    )
+    return {"train": np.sort(train), "test": np.sort(test)}
+
+
+def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (uint8 N x 32 x 32 x 3, white on black) and int64 labels of the fixed "train" or "test" split."""
+    if split not in SPLITS:
+        raise DistillError(f"Unknown digits split {split!r}; use one of {SPLITS}.")
+    images, labels = _all_digits()
+    indices = _split_indices()[split]
+    return images[indices].copy(), labels[indices].copy()
+
+
+def write_digits_image_folder(folder: str | os.PathLike, split: str = "train") -> Path:
+    """Write a split as PNGs plus an imagefolder metadata.jsonl ({"file_name", "text"}); skip if complete."""
+    from PIL import Image
+
+    folder = Path(folder)
+    images, labels = digits_split(split)
+    records = [
+        {"file_name": f"{split}_{i:05d}.png", "text": caption_for(label)} for i, label in enumerate(labels)
+    ]
+    if _image_folder_complete(folder, records):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for record, image in zip(records, images):
+        Image.fromarray(image).save(folder / record["file_name"])
+    _write_text_atomically(folder / METADATA_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def _image_folder_complete(folder: Path, records: list[dict]) -> bool:
+    """Whether folder already holds exactly these metadata records and all their image files."""
+    metadata = folder / METADATA_FILE
+    if not metadata.is_file():
+        return False
+    existing = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+    return existing == records and all((folder / r["file_name"]).is_file() for r in records)
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    """Write text to path via a temporary sibling and a rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _to_unit_pixels(images) -> torch.Tensor:
+    """Float N x 3 x 32 x 32 in [0, 1] from uint8 (0..255) or float ([0, 1]) NHWC/NCHW arrays, tensors or PIL lists."""
+    if isinstance(images, (list, tuple)):
+        images = np.stack([np.asarray(image.convert("RGB")) for image in images])
+    pixels = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    pixels = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
+    if pixels.ndim == 3:
+        pixels = pixels[..., None]
+    if pixels.shape[-1] in (1, 3) and pixels.shape[1] not in (1, 3):
+        pixels = pixels.permute(0, 3, 1, 2)
+    if tuple(pixels.shape[2:]) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DistillError(f"Expected {IMAGE_SIZE}x{IMAGE_SIZE} digit images, got shape {tuple(pixels.shape)}.")
+    return pixels.expand(-1, 3, -1, -1).contiguous()
+
+
+# --------------------------------------------------------------------------------------- classifier
+
+
+class DigitsClassifier(nn.Module):
+    """Small CNN digit classifier on 32x32 RGB images with pixel values in [0, 1]."""
+
+    def __init__(self, feature_dim: int = 64):
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv_block(3, 32),  # 16x16
+            _conv_block(32, 64),  # 8x8
+            _conv_block(64, 64),  # 4x4
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, feature_dim),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, len(DIGIT_WORDS))
+        self.test_accuracy: float | None = None
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Class logits for float N x 3 x 32 x 32 pixels in [0, 1]."""
+        return self.head(self.body(pixels))
+
+    @torch.no_grad()
+    def features(self, images, batch_size: int = 256) -> np.ndarray:
+        """Penultimate-layer (64-d) features of images (see _to_unit_pixels for accepted formats)."""
+        self.eval()
+        pixels = _to_unit_pixels(images)
+        return torch.cat([self.body(chunk) for chunk in pixels.split(batch_size)]).numpy()
+
+    @torch.no_grad()
+    def predict(self, images, batch_size: int = 256) -> np.ndarray:
+        """Predicted digit labels of images (uint8 0..255 or float 0..1, NHWC or NCHW, or PIL images)."""
+        self.eval()
+        pixels = _to_unit_pixels(images)
+        return torch.cat([self(chunk).argmax(1) for chunk in pixels.split(batch_size)]).numpy()
+
+    def accuracy(self, images, labels) -> float:
+        """Fraction of images predicted as their label."""
+        return float((self.predict(images) == np.asarray(labels)).mean())
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv, batch norm, ReLU, then 2x downsampling."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+def _random_shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to max_shift pixels (zero fill), a cheap augmentation."""
+    size = pixels.shape[-1]
+    padded = F.pad(pixels, [max_shift] * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (len(pixels), 2), generator=generator).tolist()
+    return torch.stack([p[:, dy : dy + size, dx : dx + size] for p, (dy, dx) in zip(padded, offsets)])
+
+
+def _fit_classifier(model: DigitsClassifier, seed: int, epochs: int = 12, batch_size: int = 64) -> None:
+    """Train the classifier on the train split with AdamW and random shifts."""
+    images, labels = digits_split("train")
+    pixels, targets = _to_unit_pixels(images), torch.from_numpy(labels)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(pixels) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    model.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(pixels), generator=generator).split(batch_size):
+            loss = F.cross_entropy(model(_random_shift(pixels[batch], 2, generator)), targets[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+
+
+def train_digits_classifier(cache_path: str | os.PathLike | None = None, seed: int = 0) -> DigitsClassifier:
+    """Train (or load from cache_path) the digit classifier; its test-split accuracy is in .test_accuracy."""
+    torch.manual_seed(seed)
+    model = DigitsClassifier()
+    cache_path = Path(cache_path) if cache_path is not None else None
+    if cache_path is not None and cache_path.is_file():
+        model.load_state_dict(torch.load(cache_path, map_location="cpu", weights_only=True))
+    else:
+        with _all_cpu_threads():
+            _fit_classifier(model, seed)
+        if cache_path is not None:
+            _save_state_dict_atomically(model, cache_path)
+    model.eval()
+    model.test_accuracy = model.accuracy(*digits_split("test"))
+    logger.info("Digits classifier test accuracy: %.4f", model.test_accuracy)
+    return model
+
+
+def _save_state_dict_atomically(model: nn.Module, path: Path) -> None:
+    """torch.save a state_dict via a temporary sibling and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two N x D feature sets (FID formula, clamped at 0)."""
+    from scipy.linalg import LinAlgWarning, sqrtm
+
+    feats_a, feats_b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    mean_a, mean_b = feats_a.mean(0), feats_b.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(feats_a, rowvar=False)), np.atleast_2d(np.cov(feats_b, rowvar=False))
+    with warnings.catch_warnings():  # dead ReLU features make covariances singular; sqrtm still works
+        warnings.simplefilter("ignore", LinAlgWarning)
+        cross = sqrtm(cov_a @ cov_b)
+        if not np.isfinite(cross).all():
+            jitter = 1e-6 * np.eye(len(cov_a))
+            cross = sqrtm((cov_a + jitter) @ (cov_b + jitter))
+    cross = np.real(cross)  # sqrtm of a product of PSD matrices: imaginary parts are numerical noise
+    distance = np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(cross)
+    return float(max(distance, 0.0))
+
+
+# ------------------------------------------------------------------------------------------ teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherRecipe:
+    """Every parameter that determines a digits teacher build (recorded in the cache marker)."""
+
+    seed: int = 0
+    vae_steps: int = 300
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-5
+    unet_steps: int = 800
+    unet_lr: float = 2e-3
+    unet_channels: tuple[int, ...] = (32, 64)
+    batch_size: int = 64
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.995
+    warmup_steps: int = 50
+
+    def to_json(self) -> dict:
+        """The recipe as a JSON-comparable dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@contextlib.contextmanager
+def _all_cpu_threads():
+    """Use every CPU core for torch inside the block, then restore the previous thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def build_digits_teacher(
+    folder: str | os.PathLike,
+    seed: int = 0,
+    progress: bool = True,
+    **recipe_overrides,
+) -> Path:
+    """Train (or reuse if cached) the digits latent-diffusion teacher and save it as a diffusers SD folder."""
+    folder = Path(folder)
+    recipe = TeacherRecipe(seed=seed, **recipe_overrides)
+    if _teacher_is_cached(folder, recipe):
+        return folder
+    _check_replaceable(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    started = time.perf_counter()
+    with _all_cpu_threads():
+        _train_and_save_teacher(tmp, recipe, progress)
+    marker = {"format": TEACHER_FORMAT, "recipe": recipe.to_json(), "build_seconds": time.perf_counter() - started}
+    (tmp / TEACHER_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    _move_into_place(tmp, folder)
+    return folder
+
+
+def _read_marker(folder: Path) -> dict | None:
+    """The teacher marker of folder, or None if absent or unreadable."""
+    try:
+        return json.loads((folder / TEACHER_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _teacher_is_cached(folder: Path, recipe: TeacherRecipe) -> bool:
+    """Whether folder holds a complete teacher built with exactly this recipe."""
+    marker = _read_marker(folder)
+    return (
+        (folder / "model_index.json").is_file()
+        and marker is not None
+        and marker.get("format") == TEACHER_FORMAT
+        and marker.get("recipe") == recipe.to_json()
+    )
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Refuse to overwrite a non-empty folder that is not a digits teacher."""
+    if folder.exists() and any(folder.iterdir()) and _read_marker(folder) is None:
+        raise DistillError(
+            f"{folder} is not empty and is not a digits teacher folder; pass a new or empty folder instead."
+        )
+
+
+def _move_into_place(tmp: Path, folder: Path) -> None:
+    """Rename the finished tmp folder to folder, replacing a stale teacher if there is one."""
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _train_and_save_teacher(tmp: Path, recipe: TeacherRecipe, progress: bool) -> None:
+    """Train the VAE then the UNet on the train split and save the pipeline into tmp."""
+    from tqdm.auto import tqdm
+
+    from distill.tiny import build_tiny_teacher, tiny_text_encoder
+
+    images, labels = digits_split("train")
+    pixels = _to_unit_pixels(images) * 2.0 - 1.0
+    text_encoder = tiny_text_encoder(TEXT_HIDDEN_SIZE, TEXT_HIDDEN_SIZE, with_projection=False, seed=recipe.seed + 1)
+    with tqdm(total=recipe.vae_steps + recipe.unet_steps, disable=not progress, desc="digits teacher") as bar:
+        vae = _train_vae(pixels, recipe, bar)
+        latent_mean, latent_std = _encode_latents(vae, pixels)
+        vae.register_to_config(scaling_factor=float(1.0 / latent_mean.std()))
+        unet = _train_unet(latent_mean, latent_std, labels, _caption_embeddings(text_encoder), vae, recipe, bar)
+    build_tiny_teacher(tmp, seed=recipe.seed, unet=unet, vae=vae, text_encoder=text_encoder)
+
+
+def _train_vae(pixels: torch.Tensor, recipe: TeacherRecipe, bar):
+    """Fit the tiny AutoencoderKL to reconstruct pixels in [-1, 1] (MSE + small KL)."""
+    from distill.tiny import tiny_vae
+
+    vae = tiny_vae(recipe.seed).train()
+    generator = torch.Generator().manual_seed(recipe.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    schedule = _warmup_cosine(optimizer, recipe.warmup_steps, recipe.vae_steps)
+    bar.set_description("digits teacher: vae")
+    for _ in range(recipe.vae_steps):
+        batch = pixels[torch.randint(0, len(pixels), (recipe.batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        reconstruction = vae.decode(latents).sample
+        loss = F.mse_loss(reconstruction, batch) + recipe.kl_weight * posterior.kl().mean() / latents[0].numel()
+        _optimizer_step(optimizer, schedule, loss)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update()
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and standard deviations of the VAE latents of all pixels."""
+    posteriors = [vae.encode(chunk).latent_dist for chunk in pixels.split(batch_size)]
+    return torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])
+
+
+@torch.no_grad()
+def _caption_embeddings(text_encoder) -> torch.Tensor:
+    """Text-encoder hidden states of the ten captions plus the empty caption (index 10), as the SD pipeline computes them."""
+    from distill.tiny import clip_tokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = clip_tokenizer(scratch)
+    captions = [caption_for(label) for label in range(len(DIGIT_WORDS))] + [""]
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(ids)[0]
+
+
+def _train_unet(latent_mean, latent_std, labels, caption_embeds, vae, recipe: TeacherRecipe, bar):
+    """Train the tiny UNet with the epsilon-prediction DDPM loss on scaled latents; return its EMA weights."""
+    from distill.tiny import ddpm_scheduler, tiny_unet
+
+    unet = tiny_unet(False, TEXT_HIDDEN_SIZE, seed=recipe.seed, block_out_channels=recipe.unet_channels).train()
+    ema = _ema_copy(unet)
+    alphas_cumprod = ddpm_scheduler().alphas_cumprod.float()
+    scaling = vae.config.scaling_factor
+    labels = torch.as_tensor(labels)
+    generator = torch.Generator().manual_seed(recipe.seed + 2)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
+    schedule = _warmup_cosine(optimizer, recipe.warmup_steps, recipe.unet_steps)
+    bar.set_description("digits teacher: unet")
+    for step in range(recipe.unet_steps):
+        batch = torch.randint(0, len(labels), (recipe.batch_size,), generator=generator)
+        noise_shape = latent_mean[batch].shape
+        latents = (latent_mean[batch] + latent_std[batch] * torch.randn(noise_shape, generator=generator)) * scaling
+        context = caption_embeds[_drop_captions(labels[batch], recipe.caption_dropout, generator)]
+        loss = _epsilon_loss(unet, latents, context, alphas_cumprod, generator)
+        _optimizer_step(optimizer, schedule, loss)
+        _ema_update(ema, unet, min(recipe.ema_decay, (1 + step) / (10 + step)))
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update()
+    return ema.eval().requires_grad_(False)
+
+
+def _drop_captions(labels: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace a random fraction of labels by the empty-caption index (for classifier-free guidance)."""
+    dropped = torch.rand(len(labels), generator=generator) < probability
+    return torch.where(dropped, torch.full_like(labels, len(DIGIT_WORDS)), labels)
+
+
+def _epsilon_loss(unet, latents, context, alphas_cumprod, generator) -> torch.Tensor:
+    """Standard DDPM loss: MSE between the UNet's noise prediction and the noise added at a random timestep."""
+    timesteps = torch.randint(0, len(alphas_cumprod), (len(latents),), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    alpha_bar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+    return F.mse_loss(unet(noisy, timesteps, context).sample, noise)
+
+
+def _optimizer_step(optimizer, schedule, loss: torch.Tensor) -> None:
+    """Backpropagate loss, clip gradients, step optimizer and lr schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
+    optimizer.step()
+    schedule.step()
+
+
+def _warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup then cosine decay to 10% of the base learning rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _ema_copy(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of model to hold its exponential moving average."""
+    import copy
+
+    return copy.deepcopy(model).requires_grad_(False)
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """Move ema's parameters a (1 - decay) step toward model's; copy buffers."""
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)

@@ -1,0 +1,138 @@
+"""Exports of a trained student: LoRA folder, self-contained pipeline folder, model card, Hub upload."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .conditioning import TeacherInfo, TextConditioner, pipeline_class
+from .lora import save_lora
+
+PIPELINE_MODULE = "pipeline_few_step"
+PIPELINE_CLASSES = {False: "FewStepStableDiffusionPipeline", True: "FewStepStableDiffusionXLPipeline"}
+SCHEDULER_SUBFOLDER = "scheduler"
+SCHEDULER_FILES = {"LCMScheduler": None}  # scheduler class -> file in distill.pipelines when not a stock class
+
+
+def student_scheduler(teacher_scheduler_config, defaults: dict):
+    """The scheduler the student samples with, configured from the teacher's betas and the method's overrides."""
+    import diffusers
+
+    cls = getattr(diffusers, defaults["scheduler"])
+    return cls.from_config(teacher_scheduler_config, **defaults.get("scheduler_config", {}))
+
+
+def student_pipeline(info: TeacherInfo, unet, vae, conditioner: TextConditioner, scheduler):
+    """A stock SD/SDXL pipeline assembled from in-memory components (for validation images)."""
+    components = dict(vae=vae, unet=unet, scheduler=scheduler, tokenizer=conditioner.tokenizers[0],
+                      text_encoder=conditioner.text_encoders[0])
+    if info.is_sdxl:
+        components.update(tokenizer_2=conditioner.tokenizers[1], text_encoder_2=conditioner.text_encoders[1],
+                          force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt)
+    else:
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipeline_class(info)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def export_lora_folder(folder: Path, unet, info: TeacherInfo, scheduler, defaults: dict, run_config: dict) -> Path:
+    """``pytorch_lora_weights.safetensors`` + ``scheduler/`` + ``distill_config.json`` for ``load_lora_weights``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_lora(folder, unet, info)
+    scheduler.save_pretrained(folder / SCHEDULER_SUBFOLDER)
+    sampling = {k: defaults[k] for k in ("scheduler", "num_inference_steps", "guidance_scale")}
+    (folder / "distill_config.json").write_text(json.dumps({**run_config, "sampling": sampling}, indent=2,
+                                                           default=str))
+    return folder
+
+
+def export_pipeline_folder(folder: Path, teacher_path: str, info: TeacherInfo, lora_folder: Path, scheduler,
+                           defaults: dict, torch_dtype=torch.float32) -> Path:
+    """A folder ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` samples from in 1-4 steps.
+
+    The teacher is loaded, the LoRA fused into its UNet, the scheduler replaced, and the custom pipeline file
+    (plus the scheduler file when the scheduler is not stock diffusers) copied in and named in model_index.json.
+    """
+    base = pipeline_class(info).from_pretrained(teacher_path, torch_dtype=torch_dtype)
+    base.load_lora_weights(lora_folder)
+    base.fuse_lora()
+    base.unload_lora_weights()
+    components = {k: v for k, v in base.components.items() if k not in ("safety_checker", "feature_extractor")}
+    components["scheduler"] = scheduler
+    extra = {} if info.is_sdxl else {"requires_safety_checker": False}
+    if info.is_sdxl:
+        extra["force_zeros_for_empty_prompt"] = info.force_zeros_for_empty_prompt
+    pipe_cls = _load_few_step_class(info)
+    pipe = pipe_cls(**components, **extra, default_num_inference_steps=defaults["num_inference_steps"],
+                    default_guidance_scale=defaults["guidance_scale"])
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    _install_custom_code(tmp, info, defaults)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    return folder
+
+
+def _load_few_step_class(info: TeacherInfo):
+    """The shipped pipeline class, imported from the very file that is copied into exported folders."""
+    from . import pipelines  # the repository's pipelines/ folder, installed as distill.pipelines
+
+    module = __import__(f"{pipelines.__name__}.{PIPELINE_MODULE}", fromlist=[PIPELINE_CLASSES[info.is_sdxl]])
+    return getattr(module, PIPELINE_CLASSES[info.is_sdxl])
+
+
+def _install_custom_code(folder: Path, info: TeacherInfo, defaults: dict) -> None:
+    """Copy the pipeline (and custom scheduler) source into ``folder`` and point model_index.json at them."""
+    source = resources.files("distill.pipelines")
+    (folder / f"{PIPELINE_MODULE}.py").write_text(source.joinpath(f"{PIPELINE_MODULE}.py").read_text())
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASSES[info.is_sdxl]]
+    scheduler_file = SCHEDULER_FILES.get(defaults["scheduler"])
+    if scheduler_file is not None:
+        target = folder / SCHEDULER_SUBFOLDER / f"{scheduler_file}.py"
+        target.write_text(source.joinpath(f"{scheduler_file}.py").read_text())
+        index["scheduler"] = [scheduler_file, defaults["scheduler"]]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_card(folder: Path, method: str, info: TeacherInfo, teacher_id: str, defaults: dict,
+                     hyperparameters: dict, metrics: dict | None = None) -> Path:
+    """A README.md model card (huggingface_hub ModelCard) with the usage snippet for this student."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    template = resources.files("distill.model_cards").joinpath(f"{method}.md").read_text()
+    data = ModelCardData(library_name="diffusers", base_model=teacher_id, license="other",
+                         tags=["text-to-image", "diffusers", "lora", "distillation", method])
+    pipeline_name = "StableDiffusionXLPipeline" if info.is_sdxl else "StableDiffusionPipeline"
+    card = ModelCard.from_template(
+        data,
+        template_str=template,
+        method=method,
+        teacher=teacher_id,
+        pipeline_class=pipeline_name,
+        scheduler=defaults["scheduler"],
+        steps=defaults["num_inference_steps"],
+        guidance=defaults["guidance_scale"],
+        hyperparameters="\n".join(f"| {k} | {v} |" for k, v in sorted(hyperparameters.items())),
+        metrics="\n".join(f"| {k} | {v} |" for k, v in sorted((metrics or {}).items())) or "| not measured | |",
+    )
+    path = folder / "README.md"
+    card.save(path)
+    return path
+
+
+def push_to_hub(folder: Path, repo_id: str, token: str | None = None, private: bool = False) -> str:
+    """Upload the export (not checkpoints or logs) to the Hub with huggingface_hub."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo = create_repo(repo_id, token=token, private=private, exist_ok=True)
+    upload_folder(repo_id=repo.repo_id, folder_path=str(folder), token=token,
+                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "validation/**", "*.partial/**"])
+    return repo.repo_id

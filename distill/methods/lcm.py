@@ -1,0 +1,99 @@
+"""Latent consistency distillation with the CFG-augmented PF-ODE (LCM / LCM-LoRA, Luo et al. 2023, Algorithm 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import DistillError
+from ..lora import DEFAULT_TARGET_MODULES, add_lora
+from ..losses import distance
+from ..schedule import consistency_boundary_scalings, ddim_timesteps
+from ..solvers import cfg_teacher_ddim_step
+from .base import LatentBatch, Method, Teacher
+
+
+@dataclass
+class LCMConfig:
+    """Defaults of diffusers' LCM-LoRA scripts (and the LCM paper: N = 50 skipping-step grid, w in [3, 15])."""
+
+    w_min: float = 3.0
+    w_max: float = 15.0
+    num_ddim_timesteps: int = 50
+    loss_type: str = "l2"
+    huber_c: float = 0.001
+    timestep_scaling_factor: float = 10.0
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+
+    def __post_init__(self):
+        if not 0 <= self.w_min <= self.w_max:
+            raise DistillError(f"Need 0 <= --w_min <= --w_max, got w_min={self.w_min}, w_max={self.w_max}.")
+        if self.loss_type not in ("l2", "huber"):
+            raise DistillError(f"--loss_type must be l2 or huber, got {self.loss_type!r}.")
+
+
+class LCM(Method):
+    """A LoRA student f_theta(x_t, t) = c_skip(t) x_t + c_out(t) x0_theta(x_t, t) trained to be self-consistent."""
+
+    name = "lcm"
+    Config = LCMConfig
+
+    def __init__(self, teacher: Teacher, config: LCMConfig):
+        super().__init__(teacher, config)
+        self.lora_params = add_lora(teacher.unet, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                                    config.lora_target_modules)
+        self.nets["unet"] = teacher.unet
+        self.grid = ddim_timesteps(teacher.schedule.num_train_timesteps, config.num_ddim_timesteps)
+        self.skip = teacher.schedule.num_train_timesteps // config.num_ddim_timesteps
+
+    def trainable(self) -> dict[str, list[torch.nn.Parameter]]:
+        return {"unet": self.lora_params}
+
+    def consistency_function(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """f_theta(x_t, t) = c_skip(t) x_t + c_out(t) x0_theta (LCM eq. 6, boundary f(x, 0) = x)."""
+        c_skip, c_out = consistency_boundary_scalings(t, timestep_scaling=self.config.timestep_scaling_factor)
+        x0, _ = self.denoiser()(x_t, t, cond)
+        shape = (-1,) + (1,) * (x_t.dim() - 1)
+        return c_skip.to(x_t.device).view(shape) * x_t.float() + c_out.to(x_t.device).view(shape) * x0
+
+    def sample_timesteps(self, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """t_{n+k} uniform on the skipping-step grid and t_n = t_{n+k} - k, clamped at 0 (LCM sec. 4.3)."""
+        index = torch.randint(0, len(self.grid), (batch_size,))
+        start = self.grid[index]
+        return start.to(device), (start - self.skip).clamp(min=0).to(device)
+
+    def loss(self, batch: LatentBatch, step: int) -> dict[str, torch.Tensor]:
+        latents = batch.latents
+        bsz, device = latents.shape[0], latents.device
+        # 1. Sample adjacent timesteps t_{n+k} > t_n on the skipping-step grid.
+        t_start, t_prev = self.sample_timesteps(bsz, device)
+        # 2. Diffuse the clean latents to x_{t_{n+k}} ~ q(x_t | z).
+        noise = torch.randn_like(latents)
+        x_start = self.teacher.schedule.add_noise(latents, noise, t_start)
+        # 3. Sample a guidance scale w ~ U[w_min, w_max] per example.
+        w = torch.rand(bsz, device=device) * (self.config.w_max - self.config.w_min) + self.config.w_min
+        # 4. The student's consistency function at t_{n+k}.
+        prediction = self.consistency_function(x_start, t_start, batch.cond)
+        with torch.no_grad():
+            # 5. One DDIM step of the CFG-augmented teacher from t_{n+k} to t_n.
+            with self.denoiser().as_teacher() as teacher:
+                x_prev = cfg_teacher_ddim_step(teacher, x_start, t_start, t_prev, batch.cond, batch.uncond, w)
+            # 6. The target f_{theta^-}(x_{t_n}, t_n): the same LoRA weights, gradient stopped.
+            target = self.consistency_function(x_prev, t_prev, batch.cond)
+        # 7. Distance between the two ends of the consistency pair.
+        return {"unet": distance(prediction, target, self.config.loss_type, self.config.huber_c)}
+
+    def export_defaults(self) -> dict:
+        return {
+            "scheduler": "LCMScheduler",
+            "scheduler_config": {
+                "original_inference_steps": self.config.num_ddim_timesteps,
+                "timestep_scaling": self.config.timestep_scaling_factor,
+            },
+            "num_inference_steps": 4,
+            "guidance_scale": 1.0,
+        }

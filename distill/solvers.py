@@ -1,0 +1,37 @@
+"""Pure ODE-solver steps on the teacher's probability-flow ODE."""
+
+from __future__ import annotations
+
+import torch
+
+from .conditioning import Cond
+from .denoiser import Denoiser
+from .schedule import NoiseSchedule
+
+
+def ddim_step(schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor, t_prev: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM step x_{t_prev} = alpha_{t_prev} x0 + sigma_{t_prev} eps (Song et al. 2021, eq. 12, eta=0)."""
+    return schedule.alpha(t_prev, x0) * x0 + schedule.sigma(t_prev, x0) * eps
+
+
+def guided(cond_value: torch.Tensor, uncond_value: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """CFG in LCM's form (1 + w) * cond - w * uncond (LCM, Luo et al. 2023, eq. 9), w per sample."""
+    w = w.to(cond_value.dtype).view(-1, *([1] * (cond_value.dim() - 1)))
+    return cond_value + w * (cond_value - uncond_value)
+
+
+@torch.no_grad()
+def cfg_teacher_prediction(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond,
+                           w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guided (x0, eps) of the teacher, conditional and unconditional in one batched UNet call."""
+    x0, eps = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([cond, uncond]))
+    (cond_x0, uncond_x0), (cond_eps, uncond_eps) = x0.chunk(2), eps.chunk(2)
+    return guided(cond_x0, uncond_x0, w), guided(cond_eps, uncond_eps, w)
+
+
+@torch.no_grad()
+def cfg_teacher_ddim_step(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, cond: Cond,
+                          uncond: Cond, w: torch.Tensor) -> torch.Tensor:
+    """One DDIM step of the CFG-augmented PF-ODE from t to t_prev (LCM, Luo et al. 2023, Algorithm 1, line 5)."""
+    x0, eps = cfg_teacher_prediction(teacher, x_t, t, cond, uncond, w)
+    return ddim_step(teacher.schedule, x0, eps, t_prev)

@@ -1,0 +1,204 @@
+"""Tiny SD- and SDXL-shaped teachers built from config, for tests, demos and offline benchmarks.
+
+Everything here works without the Hub: the CLIP tokenizer is rebuilt from the BPE vocabulary
+that open_clip ships inside its wheel, and the models are initialised from a seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import torch
+
+CLIP_VOCAB_SIZE = 49408
+TINY_RESOLUTION = 32
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-to-printable-unicode table used by byte-level BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def write_clip_tokenizer_files(folder: str | os.PathLike) -> Path:
+    """Write vocab.json and merges.txt of the real CLIP BPE tokenizer, rebuilt from open_clip's vocabulary."""
+    import open_clip
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merge_lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in merge_lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [token + "</w>" for token in vocab]
+    vocab += ["".join(merge) for merge in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == CLIP_VOCAB_SIZE
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return folder
+
+
+def clip_tokenizer(folder: str | os.PathLike, max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A real CLIPTokenizer (same merges and ids as openai/clip-vit-large-patch14) built offline."""
+    from transformers import CLIPTokenizer
+
+    folder = write_clip_tokenizer_files(folder)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    merges = [tuple(line.split()) for line in (folder / "merges.txt").read_text().splitlines()[1:] if line]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, pad_token=pad_token)
+
+
+def tiny_text_encoder(hidden_size: int, projection_dim: int, with_projection: bool, seed: int):
+    """A 2-layer CLIP text encoder with the real vocabulary size."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=projection_dim,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_act="quick_gelu",
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def tiny_vae(seed: int = 0, block_out_channels: tuple[int, ...] = (32, 64)):
+    """A small AutoencoderKL (downsampling factor 2 ** (len(block_out_channels) - 1))."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=list(block_out_channels),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(block_out_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(block_out_channels),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=TINY_RESOLUTION,
+    )
+
+
+def tiny_unet(
+    sdxl: bool,
+    cross_attention_dim: int,
+    seed: int = 0,
+    sample_size: int = 16,
+    block_out_channels: tuple[int, ...] = (32, 64),
+):
+    """UNet2DConditionModel shaped like diffusers' own SD / SDXL unit-test UNets."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=32,
+    )
+    if sdxl:
+        kwargs.update(
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + pooled text embeds (32)
+        )
+    else:
+        kwargs.update(attention_head_dim=8)
+    return UNet2DConditionModel(**kwargs)
+
+
+def ddpm_scheduler(prediction_type: str = "epsilon"):
+    """The scheduler config SD 1.x/SDXL ship with (scaled-linear betas, 1000 steps)."""
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    # Real SD folders ship PNDM (SD 1.x) or Euler (SDXL); both carry the same betas.
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    ) if prediction_type == "epsilon" else EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+
+
+def build_tiny_teacher(
+    folder: str | os.PathLike,
+    sdxl: bool = False,
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    unet=None,
+    vae=None,
+    text_encoder=None,
+):
+    """Save a tiny SD (sdxl=False) or SDXL teacher in the standard diffusers folder layout."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    folder = Path(folder)
+    tokenizer = clip_tokenizer(folder / "_tokenizer_src")
+    if sdxl:
+        tokenizer_2 = clip_tokenizer(folder / "_tokenizer_src", pad_token="!")
+        pipe = StableDiffusionXLPipeline(
+            vae=vae or tiny_vae(seed),
+            text_encoder=text_encoder or tiny_text_encoder(32, 32, with_projection=False, seed=seed + 1),
+            text_encoder_2=tiny_text_encoder(32, 32, with_projection=True, seed=seed + 2),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet or tiny_unet(sdxl=True, cross_attention_dim=64, seed=seed),
+            scheduler=ddpm_scheduler(prediction_type),
+            force_zeros_for_empty_prompt=True,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae or tiny_vae(seed),
+            text_encoder=text_encoder or tiny_text_encoder(32, 32, with_projection=False, seed=seed + 1),
+            tokenizer=tokenizer,
+            unet=unet or tiny_unet(sdxl=False, cross_attention_dim=32, seed=seed),
+            scheduler=ddpm_scheduler(prediction_type),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.save_pretrained(folder)
+    for leftover in (folder / "_tokenizer_src").iterdir():
+        leftover.unlink()
+    (folder / "_tokenizer_src").rmdir()
+    return folder

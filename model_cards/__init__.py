@@ -1,0 +1,1 @@
+"""Model card templates, one per method, filled at export (installed as distill.model_cards)."""

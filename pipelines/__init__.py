@@ -1,0 +1,1 @@
+"""Self-contained inference code copied into exported pipeline folders (installed as distill.pipelines)."""
