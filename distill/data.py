@@ -622,10 +622,26 @@ def _train_split(loaded: Any, name: str):
     )
 
 
+def _saved_without_data(path: Path) -> bool:
+    """True if a save_to_disk folder (or its train split) lists no data files: datasets wrote 0 rows."""
+    for state_file in (path / "state.json", path / "train" / "state.json"):
+        if state_file.is_file():
+            try:
+                return json.loads(state_file.read_text()).get("_data_files") == []
+            except (OSError, ValueError, AttributeError):
+                return False
+    return False
+
+
 def _load_saved(path: Path):
     """A dataset folder written by save_to_disk."""
     import datasets
 
+    if _saved_without_data(path):
+        raise DistillError(
+            f"The dataset {path} is empty (0 rows): it was saved without any data files. Add image-caption "
+            "samples before calling save_to_disk, or point to another dataset."
+        )
     try:
         return datasets.load_from_disk(str(path))
     except Exception as exc:
@@ -779,20 +795,20 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = seed
         self._generator: random.Random | None = None
-        self._generator_owner: int | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def _rng(self):
-        """Random stream for augmentation: seeded per DataLoader worker, else Python's global one."""
-        if self.seed is None:
-            return random  # torch reseeds the global `random` in each DataLoader worker
-        worker = torch.utils.data.get_worker_info()
-        worker_id = -1 if worker is None else worker.id
-        if self._generator is None or self._generator_owner != worker_id:
-            self._generator = random.Random(self.seed * 1_000_003 + worker_id + 1)
-            self._generator_owner = worker_id
+        """Augmentation randomness: a seeded stream in the main process, else Python's global `random`.
+
+        DataLoader workers reseed the global `random` from torch's seed for every worker and epoch, so
+        workers get distinct, epoch-varying streams (reproducible when the trainer seeds torch).
+        """
+        if self.seed is None or torch.utils.data.get_worker_info() is not None:
+            return random
+        if self._generator is None:
+            self._generator = random.Random(self.seed)
         return self._generator
 
     def __getitem__(self, index: int) -> dict:

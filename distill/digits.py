@@ -392,7 +392,7 @@ def _train_vae(pixels: torch.Tensor, recipe: TeacherRecipe, bar):
         reconstruction = vae.decode(latents).sample
         loss = F.mse_loss(reconstruction, batch) + recipe.kl_weight * posterior.kl().mean() / latents[0].numel()
         _optimizer_step(optimizer, schedule, loss)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         bar.update()
     return vae.eval().requires_grad_(False)
 
@@ -439,7 +439,7 @@ def _train_unet(latent_mean, latent_std, labels, caption_embeds, vae, recipe: Te
         loss = _epsilon_loss(unet, latents, context, alphas_cumprod, generator)
         _optimizer_step(optimizer, schedule, loss)
         _ema_update(ema, unet, min(recipe.ema_decay, (1 + step) / (10 + step)))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         bar.update()
     return ema.eval().requires_grad_(False)
 

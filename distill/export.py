@@ -58,7 +58,7 @@ def export_pipeline_folder(folder: Path, teacher_path: str, info: TeacherInfo, l
     The teacher is loaded, the LoRA fused into its UNet, the scheduler replaced, and the custom pipeline file
     (plus the scheduler file when the scheduler is not stock diffusers) copied in and named in model_index.json.
     """
-    base = pipeline_class(info).from_pretrained(teacher_path, torch_dtype=torch_dtype)
+    base = pipeline_class(info).from_pretrained(teacher_path, dtype=torch_dtype)
     base.load_lora_weights(lora_folder)
     base.fuse_lora()
     base.unload_lora_weights()

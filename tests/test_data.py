@@ -152,11 +152,11 @@ def test_resize_and_crop_match_torchvision_pipeline_of_diffusers(tmp_path):
     transforms = pytest.importorskip("torchvision.transforms")
     image = noise_image(50, 130, seed=3)
     write_folder(tmp_path / "noise", [image], ["noise"])
-    for name, mode in [("bilinear", transforms.InterpolationMode.BILINEAR), ("bicubic", transforms.InterpolationMode.BICUBIC)]:
-        reference = transforms.Compose(
-            [transforms.Resize(32, interpolation=mode), transforms.CenterCrop(32), transforms.ToTensor(),
-             transforms.Normalize([0.5], [0.5])]
-        )(image)
+    modes = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC}
+    for name, mode in modes.items():
+        steps = [transforms.Resize(32, interpolation=mode), transforms.CenterCrop(32)]
+        steps += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
+        reference = transforms.Compose(steps)(image)
         item = build(train_data_dir=str(tmp_path / "noise"), center_crop=True, interpolation_type=name)[0]
         assert torch.allclose(item["pixel_values"], reference, atol=1e-6)
 
@@ -223,6 +223,17 @@ def test_collate_stacks_tensors_and_lists_captions(folder):
     assert batch["crop_top_left"].tolist() == [[0, 8], [26, 0], [0, 0], [24, 0]]
 
 
+def test_dataloader_workers_batch_items(folder):
+    dataset = build(train_data_dir=str(folder), random_flip=True, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=collate_image_caption)
+    for _epoch in range(2):
+        batches = list(loader)
+        assert [batch["caption"] for batch in batches] == [[f"caption {i}" for i in range(3)],
+                                                           [f"caption {i}" for i in range(3, 6)]]
+        assert all(batch["pixel_values"].shape == (3, 3, 32, 32) for batch in batches)
+        assert batches[0]["original_size"].tolist() == [[200, 300], [130, 50], [64, 64]]
+
+
 def test_max_train_samples_selects_a_seeded_subset(folder):
     first = build(train_data_dir=str(folder), center_crop=True, max_train_samples=3, seed=5)
     second = build(train_data_dir=str(folder), center_crop=True, max_train_samples=3, seed=5)
@@ -280,7 +291,7 @@ def test_prompts_from_txt_file(tmp_path):
 
 def test_prompts_from_folder_and_saved_dataset_columns(tmp_path, folder):
     assert build_prompt_dataset(str(folder)) == [f"caption {i}" for i in range(6)]
-    table = datasets.Dataset.from_dict({"image": fixture_images()[:2], "prompt": [["first", "other"], "second"]})
+    table = datasets.Dataset.from_dict({"image": fixture_images()[:2], "prompt": [["first", "other"], ["second"]]})
     table.save_to_disk(str(tmp_path / "saved"))
     assert build_prompt_dataset(str(tmp_path / "saved"), caption_column="prompt") == ["first", "second"]
 
@@ -329,8 +340,11 @@ def test_error_folder_with_empty_metadata(tmp_path):
 
 def test_error_empty_hf_dataset(tmp_path):
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
-    datasets.Dataset.from_dict({"image": [], "text": []}, features=features).save_to_disk(str(tmp_path / "saved"))
+    empty = datasets.Dataset.from_dict({"image": [], "text": []}, features=features)
+    empty.save_to_disk(str(tmp_path / "saved"))  # written with no data files at all
+    empty.save_to_disk(str(tmp_path / "one_shard"), num_shards=1)  # one data file holding 0 rows
     raises("empty (0 rows)", dataset_name=str(tmp_path / "saved"))
+    raises("empty (0 rows)", dataset_name=str(tmp_path / "one_shard"))
 
 
 def test_error_max_train_samples_not_positive(folder):
@@ -412,6 +426,14 @@ def test_error_shard_sample_without_caption(tmp_path):
         add_bytes(tar, "lonely.png", png_bytes(banded_image(40, 40, (1, 2, 3))))
     message = raises("has an image but no caption", train_data_dir=str(tmp_path / "bad.tar"))
     assert "lonely" in message
+
+
+def test_error_corrupt_image_in_shard_is_named(tmp_path):
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        add_bytes(tar, "broken.png", os.urandom(256))
+        add_bytes(tar, "broken.txt", b"noise")
+    message = raises("cannot be read", train_data_dir=str(tmp_path / "bad.tar"))
+    assert "broken.png" in message
 
 
 def test_error_shard_pattern_with_missing_files(tmp_path):

@@ -1,0 +1,64 @@
+"""Session fixtures: tiny SD- and SDXL-shaped teachers saved to disk, and a small real image folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill.tiny import build_tiny_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def sd_teacher(tmp_path_factory) -> Path:
+    return build_tiny_teacher(tmp_path_factory.mktemp("teachers") / "tiny-sd", sdxl=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl_teacher(tmp_path_factory) -> Path:
+    return build_tiny_teacher(tmp_path_factory.mktemp("teachers") / "tiny-sdxl", sdxl=True, seed=0)
+
+
+@pytest.fixture(scope="session", params=["sd", "sdxl"])
+def teacher(request, sd_teacher, sdxl_teacher) -> Path:
+    return sd_teacher if request.param == "sd" else sdxl_teacher
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """Eight real PNGs (non-square, varied content) with captions in metadata.jsonl."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(8):
+            base = np.zeros((40, 48, 3), dtype=np.uint8)
+            base[:, : 6 * (i + 1)] = 255 * (i % 2)
+            noise = (rng.random((40, 48, 3)) * 60).astype(np.uint8)
+            Image.fromarray(base + noise).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a striped picture number {i}"}) + "\n")
+    return folder
+
+
+def run_script(script: str, *args: str, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a train_scripts/ command line in a fresh Python process, as a user would."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(REPO / "train_scripts" / script), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=cwd or REPO)
+
+
+def run_python(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a Python snippet in a fresh process (no module of this package imported unless the snippet does)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=cwd)
