@@ -793,28 +793,29 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.source = source
         self.indices = indices
         self.transform = transform
-        self.seed = seed
-        self._generator: random.Random | None = None
+        self.seed = 0 if seed is None else seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _rng(self):
-        """Augmentation randomness: a seeded stream in the main process, else Python's global `random`.
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of this epoch (the trainer calls it at every epoch start)."""
+        self.epoch = epoch
 
-        DataLoader workers reseed the global `random` from torch's seed for every worker and epoch, so
-        workers get distinct, epoch-varying streams (reproducible when the trainer seeds torch).
+    def _rng(self, index: int) -> random.Random:
+        """Augmentation randomness as a function of (seed, epoch, index) only.
+
+        Crops, flips and caption choices then do not depend on which process or worker loads the item, nor
+        on how many items were loaded before it, so a run resumed from a checkpoint sees exactly the samples
+        an uninterrupted run would have seen.
         """
-        if self.seed is None or torch.utils.data.get_worker_info() is not None:
-            return random
-        if self._generator is None:
-            self._generator = random.Random(self.seed)
-        return self._generator
+        return random.Random(f"{self.seed}-{self.epoch}-{index}")
 
     def __getitem__(self, index: int) -> dict:
         row = self.indices[index]
         image, caption_cell = _decode_row(self.source, row)
-        rng = self._rng()
+        rng = self._rng(index)
         pixel_values, original_size, crop_top_left = self.transform(image, rng)
         return {
             "pixel_values": pixel_values,

@@ -110,7 +110,7 @@ class Trainer:
                                    "pip install xformers (PyTorch's SDPA is used by default).") from error
         if cfg.push_to_hub and not cfg.hub_model_id:
             raise DistillError("--push_to_hub needs --hub_model_id (the repo to create or update).")
-        if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
+        if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint, "trainer_state.json").is_file():
             raise DistillError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint} is not a checkpoint folder; "
                                "pass 'latest' or a checkpoint-N folder written by an earlier run.")
         dataset = build_image_caption_dataset(self.data_config)
@@ -153,12 +153,12 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- run
     def run(self) -> Path:
         """Train, then export; returns the output folder."""
+        cfg = self.config
+        info, dataset = self._validate_inputs()
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import cast_training_params
 
-        cfg = self.config
-        info, dataset = self._validate_inputs()
         accelerator = self._accelerator()
         self.accelerator = accelerator
         if cfg.seed is not None:
@@ -190,9 +190,11 @@ class Trainer:
                 train_set = CachedLatents.build(dataset, collate, encoder, cache_file, cfg.vae_encode_batch_size,
                                                 show_progress=accelerator.is_local_main_process)
             collate = None
+        # Its own generator: creating an iterator must not draw from the global RNG that checkpoints restore.
         loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train_batch_size, shuffle=True,
                                              collate_fn=collate, num_workers=cfg.dataloader_num_workers,
-                                             drop_last=len(train_set) >= cfg.train_batch_size)
+                                             drop_last=len(train_set) >= cfg.train_batch_size,
+                                             generator=torch.Generator().manual_seed(cfg.seed or 0))
         if len(loader) == 0:
             raise DistillError("The dataset yields no batch; lower --train_batch_size or add data.")
 
@@ -227,8 +229,9 @@ class Trainer:
                         disable=not accelerator.is_local_main_process)
         epoch = first_epoch
         while global_step < max_steps:
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
+            for has_epochs in (loader, train_set):
+                if hasattr(has_epochs, "set_epoch"):
+                    has_epochs.set_epoch(epoch)
             epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
             skip_batches = 0
             for batch in epoch_loader:

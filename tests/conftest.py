@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,6 @@ from PIL import Image
 
 from distill.tiny import build_tiny_teacher
 
-REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
@@ -50,15 +47,11 @@ def image_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def run_script(script: str, *args: str, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run a train_scripts/ command line in a fresh Python process, as a user would."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, str(REPO / "train_scripts" / script), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=cwd or REPO)
+def subprocess_env(**extra: str) -> dict:
+    """Environment of the fresh processes tests start: offline, and one OpenMP thread.
 
-
-def run_python(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a Python snippet in a fresh process (no module of this package imported unless the snippet does)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=cwd)
+    On a 2-core machine shared with the test runner, two OpenMP threads per child make a 6-step run take about a
+    minute instead of about 10 s (spinning threads wait for a busy core).
+    """
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", **extra}

@@ -1,0 +1,126 @@
+"""Quality versus NFE on the digits benchmark: the teacher's samplers at 1-50 steps against distilled students.
+
+    .venv/bin/python -m distill.demo --output_dir outputs/digits-demo          # trains the LCM-LoRA student
+    .venv/bin/python benchmarks/quality.py --student lcm=outputs/digits-demo/lcm-lora \
+        --out benchmarks/results/digits
+
+Scores (see distill/demo.py): prompt accuracy of a digit classifier trained on the train split only, and the
+Frechet distance in that classifier's feature space to the held-out test digits; NFE counted on the UNet, wall
+time per image. Writes quality.md (table and targets) and quality_vs_nfe.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from diffusers import DPMSolverMultistepScheduler
+
+from distill.demo import digit_prompts, load_student_pipeline, load_teacher_pipeline, metrics_table, score
+from distill.digits import build_digits_teacher, digits_split, frechet_distance, train_digits_classifier
+from distill.evaluate import generate
+
+TEACHER_STEPS = (1, 2, 4, 8, 25, 50)
+STUDENT_STEPS = (1, 2, 4)
+
+
+def teacher_runs(teacher: Path, guidance: float, steps=TEACHER_STEPS) -> dict:
+    """DDIM (trailing) and DPM-Solver++ (2M) samplers of the teacher at each step count."""
+    ddim = load_teacher_pipeline(teacher)
+    dpm = load_teacher_pipeline(teacher)
+    dpm.scheduler = DPMSolverMultistepScheduler.from_config(ddim.scheduler.config, algorithm_type="dpmsolver++",
+                                                            timestep_spacing="trailing", final_sigmas_type="zero")
+    runs = {f"teacher DDIM {n}": ("teacher DDIM", ddim, n, guidance) for n in steps}
+    runs.update({f"teacher DPM-Solver++ {n}": ("teacher DPM-Solver++", dpm, n, guidance) for n in steps})
+    return runs
+
+
+def targets(results: dict, method: str) -> list[str]:
+    """The benchmark's pass/fail targets for one student."""
+    ref, one_step = results["teacher DDIM 25"], results["teacher DDIM 1"]
+    lines = []
+    four = results.get(f"{method} 4")
+    if four:
+        ok = four["fd"] <= 1.05 * ref["fd"] and four["accuracy"] >= ref["accuracy"]
+        lines.append(f"- {method} at 4 NFE: FD {four['fd']:.2f} vs teacher-25 {ref['fd']:.2f} (target <= "
+                     f"{1.05 * ref['fd']:.2f}), accuracy {four['accuracy']:.3f} vs {ref['accuracy']:.3f}: "
+                     f"{'met' if ok else 'NOT met'}")
+    one = results.get(f"{method} 1")
+    if one:
+        ok = one["fd"] <= 0.6 * one_step["fd"]
+        lines.append(f"- {method} at 1 NFE: FD {one['fd']:.2f} vs teacher DDIM-1 {one_step['fd']:.2f} (target <= "
+                     f"{0.6 * one_step['fd']:.2f}): {'met' if ok else 'NOT met'}")
+    return lines
+
+
+def plot(results: dict, families: dict[str, str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for family in dict.fromkeys(families.values()):
+        names = [n for n in results if families[n] == family]
+        nfe = [results[n]["nfe"] for n in names]
+        ax_fd.plot(nfe, [results[n]["fd"] for n in names], marker="o", label=family)
+        ax_acc.plot(nfe, [results[n]["accuracy"] for n in names], marker="o", label=family)
+    for ax, label in ((ax_fd, "Frechet distance to real digits (lower is better)"), (ax_acc, "prompt accuracy")):
+        ax.set_xscale("log")
+        ax.set_xlabel("UNet evaluations per image (NFE, CFG counts 2 per step)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax_fd.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher_dir", type=Path, default=Path("outputs/digits-teacher"))
+    parser.add_argument("--student", action="append", default=[], metavar="NAME=LORA_FOLDER",
+                        help="A distilled student to score (repeatable), e.g. lcm=outputs/digits-demo/lcm-lora.")
+    parser.add_argument("--teacher_guidance", type=float, default=4.0)
+    parser.add_argument("--images_per_digit", type=int, default=30)
+    parser.add_argument("--teacher_steps", default=",".join(map(str, TEACHER_STEPS)))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/digits"))
+    args = parser.parse_args(argv)
+
+    teacher = build_digits_teacher(args.teacher_dir, seed=args.seed)
+    classifier = train_digits_classifier(cache_path=args.teacher_dir / "classifier.pt", seed=args.seed)
+    real_features = classifier.features(digits_split("test")[0])
+    prompts, labels = digit_prompts(args.images_per_digit)
+    runs = teacher_runs(teacher, args.teacher_guidance, [int(s) for s in args.teacher_steps.split(",")])
+    for spec in args.student:
+        name, folder = spec.split("=", 1)
+        student = load_student_pipeline(teacher, Path(folder))
+        runs.update({f"{name} {n}": (name, student, n, 1.0) for n in STUDENT_STEPS})
+
+    results, families = {}, {}
+    for run, (family, pipe, steps, guidance) in runs.items():
+        results[run] = score(generate(pipe, prompts, steps, guidance, seed=args.seed), labels, classifier,
+                             real_features)
+        families[run] = family
+        print(run, results[run], flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.json").write_text(json.dumps(results, indent=2))
+    train_images, _ = digits_split("train")
+    floor = frechet_distance(classifier.features(train_images[: len(prompts)]), real_features)
+    lines = [f"Digits benchmark: {args.images_per_digit} images per digit, teacher CFG {args.teacher_guidance}, "
+             f"classifier test accuracy {classifier.test_accuracy:.3f}; FD of {len(prompts)} real train digits to "
+             f"the test digits (the floor): {floor:.2f}.\n",
+             metrics_table(results)]
+    for spec in args.student:
+        lines += targets(results, spec.split("=", 1)[0])
+    (args.out / "quality.md").write_text("\n".join(lines) + "\n")
+    plot(results, families, args.out / "quality_vs_nfe.png")
+    print((args.out / "quality.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
