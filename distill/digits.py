@@ -220,7 +220,9 @@ def _fit_classifier(model: DigitsClassifier, seed: int, epochs: int = 12, batch_
     model.eval()
 
 
-def train_digits_classifier(cache_path: str | os.PathLike | None = None, seed: int = 0) -> DigitsClassifier:
+def train_digits_classifier(
+    cache_path: str | os.PathLike | None = None, seed: int = 0, num_threads: int | None = None
+) -> DigitsClassifier:
     """Train (or load from cache_path) the digit classifier; its test-split accuracy is in .test_accuracy."""
     torch.manual_seed(seed)
     model = DigitsClassifier()
@@ -228,7 +230,7 @@ def train_digits_classifier(cache_path: str | os.PathLike | None = None, seed: i
     if cache_path is not None and cache_path.is_file():
         model.load_state_dict(torch.load(cache_path, map_location="cpu", weights_only=True))
     else:
-        with _all_cpu_threads():
+        with _cpu_threads(num_threads):
             _fit_classifier(model, seed)
         if cache_path is not None:
             _save_state_dict_atomically(model, cache_path)
@@ -288,11 +290,25 @@ class TeacherRecipe:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
+def _idle_cores() -> int:
+    """CPU cores not busy with other processes (cores minus the 1-minute load average), at least 1."""
+    cores = os.cpu_count() or 1
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
 @contextlib.contextmanager
-def _all_cpu_threads():
-    """Use every CPU core for torch inside the block, then restore the previous thread count."""
+def _cpu_threads(num_threads: int | None = None):
+    """Run the block with num_threads torch threads (default: the idle cores), then restore the old count.
+
+    Oversubscribed CPUs make torch's OpenMP threads wait on each other, which can slow tiny models
+    down tenfold, so by default only the cores that look idle are used.
+    """
     previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(num_threads or _idle_cores())
     try:
         yield
     finally:
@@ -303,6 +319,7 @@ def build_digits_teacher(
     folder: str | os.PathLike,
     seed: int = 0,
     progress: bool = True,
+    num_threads: int | None = None,
     **recipe_overrides,
 ) -> Path:
     """Train (or reuse if cached) the digits latent-diffusion teacher and save it as a diffusers SD folder."""
@@ -314,7 +331,7 @@ def build_digits_teacher(
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.perf_counter()
-    with _all_cpu_threads():
+    with _cpu_threads(num_threads):
         _train_and_save_teacher(tmp, recipe, progress)
     marker = {"format": TEACHER_FORMAT, "recipe": recipe.to_json(), "build_seconds": time.perf_counter() - started}
     (tmp / TEACHER_MARKER).write_text(json.dumps(marker, indent=2) + "\n")

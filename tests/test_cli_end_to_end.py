@@ -232,8 +232,6 @@ STOCK_LOADING = textwrap.dedent("""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-from conftest import subprocess_env
-
     teacher, out, family, prompt, dest = sys.argv[1:6]
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_pretrained(teacher)

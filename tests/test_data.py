@@ -167,8 +167,10 @@ def test_random_crop_is_a_window_of_the_unresized_image(tmp_path):
     dataset = build(train_data_dir=str(tmp_path / "tall"), seed=7)
     full = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
     tops = set()
-    for _ in range(12):
+    for epoch in range(12):  # augmentation draws depend on (seed, epoch, index) only
+        dataset.set_epoch(epoch)
         item = dataset[0]
+        assert torch.equal(dataset[0]["pixel_values"], item["pixel_values"])  # same epoch and index: same draw
         top, left = item["crop_top_left"]
         assert left == 0 and 0 <= top <= 48
         assert torch.equal(item["pixel_values"], full[:, top : top + 32, :])
@@ -190,7 +192,8 @@ def test_random_flip_mirrors_the_unflipped_image(folder):
     plain = build(train_data_dir=str(folder), center_crop=True)[2]  # the 64x64 image, white band on the left
     flipping = build(train_data_dir=str(folder), center_crop=True, random_flip=True, seed=0)
     flipped_count = 0
-    for _ in range(20):
+    for epoch in range(20):
+        flipping.set_epoch(epoch)
         item = flipping[2]
         assert item["crop_top_left"] == (0, 0)
         if torch.equal(item["pixel_values"], plain["pixel_values"].flip(-1)):
@@ -206,7 +209,10 @@ def test_list_captions_pick_one_of_the_options(tmp_path):
     options = ["a red square", "a crimson box", "scarlet"]
     write_folder(tmp_path / "lists", [banded_image(40, 40, (255, 0, 0))], [options])
     dataset = build(train_data_dir=str(tmp_path / "lists"), seed=0)
-    picked = [dataset[0]["caption"] for _ in range(30)]
+    picked = []
+    for epoch in range(30):
+        dataset.set_epoch(epoch)
+        picked.append(dataset[0]["caption"])
     assert set(picked) <= set(options)
     assert len(set(picked)) >= 2
 
@@ -260,7 +266,10 @@ def test_hf_dataset_list_captions_and_custom_columns(tmp_path):
     table = datasets.Dataset.from_dict({"img": [banded_image(48, 40, (0, 0, 255))], "prompts": [options]})
     table.save_to_disk(str(tmp_path / "saved"))
     dataset = build(dataset_name=str(tmp_path / "saved"), image_column="img", caption_column="prompts", seed=1)
-    picked = {dataset[0]["caption"] for _ in range(30)}
+    picked = set()
+    for epoch in range(30):
+        dataset.set_epoch(epoch)
+        picked.add(dataset[0]["caption"])
     assert picked <= set(options) and len(picked) >= 2
     assert dataset[0]["original_size"] == (40, 48)
 

@@ -1,0 +1,149 @@
+"""Tests of the scikit-learn digits default: split, image folder, Frechet distance, classifier API, teacher cache."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill import digits
+from distill.errors import DistillError
+
+TINY_RECIPE = dict(vae_steps=2, unet_steps=2, batch_size=4, warmup_steps=1, progress=False, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A digits teacher trained for two steps per model (fast, not useful for quality)."""
+    return digits.build_digits_teacher(tmp_path_factory.mktemp("digits") / "teacher", **TINY_RECIPE)
+
+
+def _mtimes(folder):
+    return {path: path.stat().st_mtime_ns for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_captions_name_the_digit_word():
+    assert digits.caption_for(7) == "a handwritten digit seven"
+    assert [digits.caption_for(label).split()[-1] for label in range(10)] == list(digits.DIGIT_WORDS)
+
+
+def test_split_is_deterministic_disjoint_stratified_and_upsampled():
+    train_images, train_labels = digits.digits_split("train")
+    test_images, test_labels = digits.digits_split("test")
+    again_images, again_labels = digits.digits_split("train")
+    np.testing.assert_array_equal(train_images, again_images)
+    np.testing.assert_array_equal(train_labels, again_labels)
+
+    indices = digits._split_indices()
+    assert set(indices["train"]).isdisjoint(indices["test"])
+    assert len(indices["train"]) + len(indices["test"]) == 1797
+    assert (len(train_labels), len(test_labels)) == (1437, 360)
+    assert np.bincount(test_labels, minlength=10).min() >= 35  # stratified: every class ~20% in test
+
+    assert train_images.shape == (1437, 32, 32, 3) and train_images.dtype == np.uint8
+    assert train_images.max() == 255 and train_images.min() == 0
+    np.testing.assert_array_equal(train_images[..., 0], train_images[..., 2])  # grey RGB
+
+
+def test_unknown_split_is_a_user_error():
+    with pytest.raises(DistillError, match="validation"):
+        digits.digits_split("validation")
+
+
+def test_image_folder_metadata_matches_files_and_captions(tmp_path):
+    folder = digits.write_digits_image_folder(tmp_path / "test_images", split="test")
+    records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    images, labels = digits.digits_split("test")
+
+    assert len(records) == len(labels) == 360
+    assert [set(record) for record in records[:1]] == [{"file_name", "text"}]
+    assert [record["text"] for record in records] == [digits.caption_for(label) for label in labels]
+    assert sorted(path.name for path in folder.glob("*.png")) == sorted(r["file_name"] for r in records)
+    for index in (0, 123, 359):
+        np.testing.assert_array_equal(np.asarray(Image.open(folder / records[index]["file_name"])), images[index])
+
+    before = _mtimes(folder)
+    assert digits.write_digits_image_folder(folder, split="test") == folder
+    assert _mtimes(folder) == before
+
+
+def test_frechet_distance_is_zero_for_identical_and_grows_with_shift():
+    feats = np.random.default_rng(0).normal(size=(500, 8))
+    assert digits.frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-6)
+    distances = [digits.frechet_distance(feats, feats + shift) for shift in (0.5, 1.0, 2.0)]
+    # Same covariance, mean moved by `shift` in each of 8 dims: distance is 8 * shift ** 2.
+    assert distances == pytest.approx([2.0, 8.0, 32.0], rel=1e-4)
+    wider = digits.frechet_distance(feats, feats * 2.0)
+    assert wider > 1.0
+
+
+def test_classifier_accepts_uint8_hwc_and_float_chw_alike():
+    classifier = digits.DigitsClassifier()
+    images, _ = digits.digits_split("test")
+    images = images[:8]
+    as_float_chw = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+
+    features = classifier.features(images)
+    assert features.shape == (8, 64)
+    np.testing.assert_allclose(features, classifier.features(as_float_chw), atol=1e-5)
+    predictions = classifier.predict(images)
+    assert predictions.shape == (8,) and set(predictions) <= set(range(10))
+    np.testing.assert_array_equal(predictions, classifier.predict([Image.fromarray(image) for image in images]))
+
+
+def test_teacher_folder_is_standard_sd_with_unit_scaled_latents(tiny_teacher):
+    assert (tiny_teacher / "model_index.json").is_file()
+    assert not tiny_teacher.with_name(tiny_teacher.name + ".tmp").exists()
+    scheduler = json.loads((tiny_teacher / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["beta_schedule"], scheduler["num_train_timesteps"]) == ("scaled_linear", 1000)
+    assert scheduler["prediction_type"] == "epsilon"
+    vae_config = json.loads((tiny_teacher / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] > 0 and vae_config["scaling_factor"] != 0.18215
+    marker = json.loads((tiny_teacher / digits.TEACHER_MARKER).read_text())
+    assert marker["recipe"]["unet_steps"] == 2 and marker["recipe"]["seed"] == 0
+
+
+def test_second_build_with_same_recipe_is_a_cache_hit(tiny_teacher):
+    before = _mtimes(tiny_teacher)
+    assert digits.build_digits_teacher(tiny_teacher, **TINY_RECIPE) == tiny_teacher
+    assert _mtimes(tiny_teacher) == before
+
+
+def test_build_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a teacher")
+    with pytest.raises(DistillError, match="not a digits teacher"):
+        digits.build_digits_teacher(tmp_path, **TINY_RECIPE)
+    assert (tmp_path / "notes.txt").read_text() == "not a teacher"
+
+
+def test_saved_teacher_loads_in_diffusers_and_generates_finite_32px_images(tiny_teacher):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        [digits.caption_for(3), digits.caption_for(8)],
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert images.shape == (2, 32, 32, 3)
+    assert np.isfinite(images).all() and 0.0 <= images.min() and images.max() <= 1.0
+
+
+def test_saved_text_encoder_reproduces_the_training_caption_embeddings(tiny_teacher):
+    from diffusers import StableDiffusionPipeline
+
+    from distill.tiny import tiny_text_encoder
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher)
+    trained_on = digits._caption_embeddings(tiny_text_encoder(32, 32, with_projection=False, seed=1))
+    with torch.no_grad():
+        seven, _ = pipe.encode_prompt(digits.caption_for(7), "cpu", 1, False)
+        empty, _ = pipe.encode_prompt("", "cpu", 1, False)
+    torch.testing.assert_close(seven[0], trained_on[7])
+    torch.testing.assert_close(empty[0], trained_on[10])
+    assert not torch.allclose(trained_on[7], trained_on[1])
