@@ -1,0 +1,48 @@
+"""The accelerate trainer in-process: validation images, tensorboard logs, and a clear stop on a non-finite loss."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from distill.data import ImageDataConfig
+from distill.errors import DistillError
+from distill.methods import LCMConfig
+from distill.trainer import Trainer, TrainConfig
+
+
+def tiny_run(teacher, images, out, **overrides) -> Trainer:
+    config = TrainConfig(pretrained_teacher_model=str(teacher), output_dir=str(out), seed=0, train_batch_size=2,
+                         max_train_steps=2, checkpointing_steps=1, validation_steps=2,
+                         validation_prompts=["a cat", "a dog", "a cow"], export_pipeline=False, **overrides)
+    return Trainer("lcm", LCMConfig(lora_rank=4), ImageDataConfig(train_data_dir=str(images)), config)
+
+
+def test_validation_grid_and_tensorboard_logs(sd_teacher, image_folder, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tiny_run(sd_teacher, image_folder, tmp_path / "run").run()
+    grid = Image.open(out / "validation" / "step-2.png")
+    # two rows (1 step and 4 steps) of three 32x32 images, with torchvision's 2-pixel padding
+    assert grid.size == (3 * 34 + 2, 2 * 34 + 2)
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent)).Reload()
+    assert [e.step for e in events.Scalars("loss/unet")] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(e.value)) for e in events.Scalars("loss/unet"))
+    assert "validation" in events.Tags()["images"]
+
+
+def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(sd_teacher, image_folder, tmp_path):
+    broken = tmp_path / "broken-teacher"
+    shutil.copytree(sd_teacher, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith("conv_out.weight"))
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, weights)
+    with pytest.raises(DistillError, match=r"loss became nan at step 1; no checkpoint was written yet"):
+        tiny_run(broken, image_folder, tmp_path / "run").run()
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
