@@ -48,7 +48,8 @@ def load_teacher_pipeline(teacher: Path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(teacher)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    # clip_sample=False as in real SD configs: clipping predicted latents to [-1, 1] would ruin them.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False)
     return pipe
 
 
