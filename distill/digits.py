@@ -274,14 +274,18 @@ class TeacherRecipe:
     """Every parameter that determines a digits teacher build (recorded in the cache marker)."""
 
     seed: int = 0
-    vae_steps: int = 300
+    vae_steps: int = 200
+    vae_batch_size: int = 32
     vae_lr: float = 1e-3
-    kl_weight: float = 1e-5
-    unet_steps: int = 800
+    kl_weight: float = 1e-5  # per latent element, relative to the per-pixel MSE
+    unet_steps: int = 1200
+    unet_batch_size: int = 16
     unet_lr: float = 2e-3
     unet_channels: tuple[int, ...] = (32, 64)
-    batch_size: int = 64
     caption_dropout: float = 0.1
+    high_noise_weight_cap: float = 5.0  # epsilon-loss weight clamp(1 / SNR, 1, cap); 1 = plain DDPM loss
+    cross_attention_init_dims: int = 4  # 0 = diffusers' default random init
+    cross_attention_init_gain: float = 3.0
     ema_decay: float = 0.995
     warmup_steps: int = 50
 
@@ -387,10 +391,23 @@ def _train_and_save_teacher(tmp: Path, recipe: TeacherRecipe, progress: bool) ->
     text_encoder = tiny_text_encoder(TEXT_HIDDEN_SIZE, TEXT_HIDDEN_SIZE, with_projection=False, seed=recipe.seed + 1)
     with tqdm(total=recipe.vae_steps + recipe.unet_steps, disable=not progress, desc="digits teacher") as bar:
         vae = _train_vae(pixels, recipe, bar)
-        latent_mean, latent_std = _encode_latents(vae, pixels)
-        vae.register_to_config(scaling_factor=float(1.0 / latent_mean.std()))
-        unet = _train_unet(latent_mean, latent_std, labels, _caption_embeddings(text_encoder), vae, recipe, bar)
-    build_tiny_teacher(tmp, seed=recipe.seed, unet=unet, vae=vae, text_encoder=text_encoder)
+        latents = _encode_latents(vae, pixels)
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        unet = _train_unet(latents * vae.config.scaling_factor, labels, _caption_embeddings(text_encoder), recipe, bar)
+    build_tiny_teacher(tmp, seed=recipe.seed, unet=unet, vae=vae, text_encoder=text_encoder, scheduler=_sd_scheduler())
+
+
+def _sd_scheduler():
+    """tiny.ddpm_scheduler with "clip_sample": false recorded, as real SD 1.x scheduler configs have it.
+
+    PNDM ignores the flag, but DDIM/DDPM schedulers built with from_config would otherwise default to
+    clipping predicted latents to [-1, 1], which ruins unit-variance latents.
+    """
+    from distill.tiny import ddpm_scheduler
+
+    scheduler = ddpm_scheduler("epsilon")
+    scheduler.register_to_config(clip_sample=False)
+    return scheduler
 
 
 def _train_vae(pixels: torch.Tensor, recipe: TeacherRecipe, bar):
@@ -403,7 +420,7 @@ def _train_vae(pixels: torch.Tensor, recipe: TeacherRecipe, bar):
     schedule = _warmup_cosine(optimizer, recipe.warmup_steps, recipe.vae_steps)
     bar.set_description("digits teacher: vae")
     for _ in range(recipe.vae_steps):
-        batch = pixels[torch.randint(0, len(pixels), (recipe.batch_size,), generator=generator)]
+        batch = pixels[torch.randint(0, len(pixels), (recipe.vae_batch_size,), generator=generator)]
         posterior = vae.encode(batch).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         reconstruction = vae.decode(latents).sample
@@ -415,10 +432,9 @@ def _train_vae(pixels: torch.Tensor, recipe: TeacherRecipe, bar):
 
 
 @torch.no_grad()
-def _encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior means and standard deviations of the VAE latents of all pixels."""
-    posteriors = [vae.encode(chunk).latent_dist for chunk in pixels.split(batch_size)]
-    return torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])
+def _encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Unscaled VAE posterior means of all pixels (the decoder was trained to tolerate posterior noise)."""
+    return torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(batch_size)])
 
 
 @torch.no_grad()
@@ -435,25 +451,25 @@ def _caption_embeddings(text_encoder) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
-def _train_unet(latent_mean, latent_std, labels, caption_embeds, vae, recipe: TeacherRecipe, bar):
+def _train_unet(latents: torch.Tensor, labels, caption_embeds: torch.Tensor, recipe: TeacherRecipe, bar):
     """Train the tiny UNet with the epsilon-prediction DDPM loss on scaled latents; return its EMA weights."""
     from distill.tiny import ddpm_scheduler, tiny_unet
 
     unet = tiny_unet(False, TEXT_HIDDEN_SIZE, seed=recipe.seed, block_out_channels=recipe.unet_channels).train()
-    ema = _ema_copy(unet)
-    alphas_cumprod = ddpm_scheduler().alphas_cumprod.float()
-    scaling = vae.config.scaling_factor
-    labels = torch.as_tensor(labels)
     generator = torch.Generator().manual_seed(recipe.seed + 2)
+    if recipe.cross_attention_init_dims:
+        directions = _caption_directions(caption_embeds, recipe.cross_attention_init_dims)
+        _aim_cross_attention(unet, directions, recipe.cross_attention_init_gain, generator)
+    ema = _ema_copy(unet)
+    weights = _timestep_weights(ddpm_scheduler().alphas_cumprod.float(), recipe.high_noise_weight_cap)
+    labels = torch.as_tensor(labels)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
     schedule = _warmup_cosine(optimizer, recipe.warmup_steps, recipe.unet_steps)
     bar.set_description("digits teacher: unet")
     for step in range(recipe.unet_steps):
-        batch = torch.randint(0, len(labels), (recipe.batch_size,), generator=generator)
-        noise_shape = latent_mean[batch].shape
-        latents = (latent_mean[batch] + latent_std[batch] * torch.randn(noise_shape, generator=generator)) * scaling
+        batch = torch.randint(0, len(labels), (recipe.unet_batch_size,), generator=generator)
         context = caption_embeds[_drop_captions(labels[batch], recipe.caption_dropout, generator)]
-        loss = _epsilon_loss(unet, latents, context, alphas_cumprod, generator)
+        loss = _epsilon_loss(unet, latents[batch], context, weights, generator)
         _optimizer_step(optimizer, schedule, loss)
         _ema_update(ema, unet, min(recipe.ema_decay, (1 + step) / (10 + step)))
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
@@ -467,13 +483,54 @@ def _drop_captions(labels: torch.Tensor, probability: float, generator: torch.Ge
     return torch.where(dropped, torch.full_like(labels, len(DIGIT_WORDS)), labels)
 
 
-def _epsilon_loss(unet, latents, context, alphas_cumprod, generator) -> torch.Tensor:
-    """Standard DDPM loss: MSE between the UNet's noise prediction and the noise added at a random timestep."""
-    timesteps = torch.randint(0, len(alphas_cumprod), (len(latents),), generator=generator)
+def _timestep_weights(alphas_cumprod: torch.Tensor, cap: float) -> dict[str, torch.Tensor]:
+    """Per-timestep noising coefficients and loss weights clamp(1 / SNR, 1, cap).
+
+    With epsilon prediction, high-noise timesteps (where the caption decides which digit appears) have tiny
+    losses; up-weighting them (at most by cap) makes the teacher learn the prompt much sooner.
+    """
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return {
+        "signal": alphas_cumprod.sqrt(),
+        "noise": (1 - alphas_cumprod).sqrt(),
+        "loss": (1 / snr).clamp(min=1.0, max=max(cap, 1.0)),
+    }
+
+
+def _epsilon_loss(unet, latents, context, weights: dict[str, torch.Tensor], generator) -> torch.Tensor:
+    """DDPM loss: (weighted) MSE between the UNet's noise prediction and the noise added at a random timestep."""
+    timesteps = torch.randint(0, len(weights["loss"]), (len(latents),), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
-    alpha_bar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-    noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
-    return F.mse_loss(unet(noisy, timesteps, context).sample, noise)
+    noisy = weights["signal"][timesteps].view(-1, 1, 1, 1) * latents + weights["noise"][timesteps].view(-1, 1, 1, 1) * noise
+    errors = (unet(noisy, timesteps, context).sample - noise).square().mean(dim=(1, 2, 3))
+    return (weights["loss"][timesteps] * errors).mean()
+
+
+def _caption_directions(caption_embeds: torch.Tensor, count: int) -> torch.Tensor:
+    """The count x D text-embedding directions that best separate the captions from what all tokens share.
+
+    Fisher/LDA-style: maximise the between-caption scatter of the token embeddings relative to the
+    uncentred scatter of the per-position means (shared prefix, padding, global offset). The random
+    frozen text encoder puts ~1% of its energy into caption differences, so without this the UNet's
+    cross-attention takes thousands of steps to notice the prompt.
+    """
+    embeds = caption_embeds.double()
+    per_position = embeds.mean(dim=0, keepdim=True).expand_as(embeds)
+    flat, shared = (embeds - per_position).flatten(0, 1), per_position.flatten(0, 1)
+    between, common = flat.T @ flat / len(flat), shared.T @ shared / len(shared)
+    whitener = torch.linalg.inv(torch.linalg.cholesky(common + 1e-3 * torch.eye(len(common), dtype=common.dtype)))
+    _, eigenvectors = torch.linalg.eigh(whitener @ between @ whitener.T)
+    return (eigenvectors[:, -count:].T @ whitener).float()
+
+
+@torch.no_grad()
+def _aim_cross_attention(unet, directions: torch.Tensor, gain: float, generator: torch.Generator) -> None:
+    """Initialise every cross-attention key/value projection to read (only) the caption-separating directions."""
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            for linear in (module.to_k, module.to_v):
+                basis, _ = torch.linalg.qr(torch.randn(linear.out_features, len(directions), generator=generator))
+                linear.weight.copy_(gain * basis @ directions)
 
 
 def _optimizer_step(optimizer, schedule, loss: torch.Tensor) -> None:

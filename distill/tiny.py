@@ -168,6 +168,7 @@ def build_tiny_teacher(
     unet=None,
     vae=None,
     text_encoder=None,
+    scheduler=None,
 ):
     """Save a tiny SD (sdxl=False) or SDXL teacher in the standard diffusers folder layout."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -183,7 +184,7 @@ def build_tiny_teacher(
             tokenizer=tokenizer,
             tokenizer_2=tokenizer_2,
             unet=unet or tiny_unet(sdxl=True, cross_attention_dim=64, seed=seed),
-            scheduler=ddpm_scheduler(prediction_type),
+            scheduler=scheduler if scheduler is not None else ddpm_scheduler(prediction_type),
             force_zeros_for_empty_prompt=True,
         )
     else:
@@ -192,7 +193,7 @@ def build_tiny_teacher(
             text_encoder=text_encoder or tiny_text_encoder(32, 32, with_projection=False, seed=seed + 1),
             tokenizer=tokenizer,
             unet=unet or tiny_unet(sdxl=False, cross_attention_dim=32, seed=seed),
-            scheduler=ddpm_scheduler(prediction_type),
+            scheduler=scheduler if scheduler is not None else ddpm_scheduler(prediction_type),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

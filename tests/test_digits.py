@@ -10,7 +10,9 @@ from PIL import Image
 from distill import digits
 from distill.errors import DistillError
 
-TINY_RECIPE = dict(vae_steps=2, unet_steps=2, batch_size=4, warmup_steps=1, progress=False, num_threads=1)
+TINY_RECIPE = dict(
+    vae_steps=2, unet_steps=2, vae_batch_size=4, unet_batch_size=4, warmup_steps=1, progress=False, num_threads=1
+)
 
 
 @pytest.fixture(scope="module")
