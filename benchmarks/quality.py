@@ -18,8 +18,8 @@ from pathlib import Path
 from diffusers import DPMSolverMultistepScheduler
 
 from distill.demo import digit_prompts, load_student_pipeline, load_teacher_pipeline, metrics_table, score
-from distill.digits import build_digits_teacher, digits_split, frechet_distance, train_digits_classifier
-from distill.evaluate import generate
+from distill.digits import build_digits_teacher, digits_split, train_digits_classifier
+from distill.evaluate import frechet_distance, generate
 
 TEACHER_STEPS = (1, 2, 4, 8, 25, 50)
 STUDENT_STEPS = (1, 2, 4)

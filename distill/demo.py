@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from .cli import main as train_main
-from .digits import (DIGIT_WORDS, build_digits_teacher, caption_for, digits_split, frechet_distance,
+from .digits import (DIGIT_WORDS, build_digits_teacher, caption_for, digits_split,
                      train_digits_classifier, write_digits_image_folder)
-from .evaluate import Samples, generate
+from .evaluate import Samples, frechet_distance, generate
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ offline. The digits are upsampled to 32x32 RGB (white digit on black) and captio
 * a small latent-diffusion teacher trained on the train split in a few CPU minutes and saved in the
   standard diffusers Stable Diffusion layout (reusing the tiny model builders of ``distill.tiny``);
 * a small CNN digit classifier (accuracy against the prompted digit, and features for a
-  Frechet distance) and the Frechet distance itself.
+  Frechet distance, computed by distill.evaluate.frechet_distance).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -224,8 +223,9 @@ def train_digits_classifier(
     cache_path: str | os.PathLike | None = None, seed: int = 0, num_threads: int | None = None
 ) -> DigitsClassifier:
     """Train (or load from cache_path) the digit classifier; its test-split accuracy is in .test_accuracy."""
-    torch.manual_seed(seed)
-    model = DigitsClassifier()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DigitsClassifier()
     cache_path = Path(cache_path) if cache_path is not None else None
     if cache_path is not None and cache_path.is_file():
         model.load_state_dict(torch.load(cache_path, map_location="cpu", weights_only=True))
@@ -246,24 +246,6 @@ def _save_state_dict_atomically(model: nn.Module, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
-
-
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two N x D feature sets (FID formula, clamped at 0)."""
-    from scipy.linalg import LinAlgWarning, sqrtm
-
-    feats_a, feats_b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
-    mean_a, mean_b = feats_a.mean(0), feats_b.mean(0)
-    cov_a, cov_b = np.atleast_2d(np.cov(feats_a, rowvar=False)), np.atleast_2d(np.cov(feats_b, rowvar=False))
-    with warnings.catch_warnings():  # dead ReLU features make covariances singular; sqrtm still works
-        warnings.simplefilter("ignore", LinAlgWarning)
-        cross = sqrtm(cov_a @ cov_b)
-        if not np.isfinite(cross).all():
-            jitter = 1e-6 * np.eye(len(cov_a))
-            cross = sqrtm((cov_a + jitter) @ (cov_b + jitter))
-    cross = np.real(cross)  # sqrtm of a product of PSD matrices: imaginary parts are numerical noise
-    distance = np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(cross)
-    return float(max(distance, 0.0))
 
 
 # ------------------------------------------------------------------------------------------ teacher

@@ -70,16 +70,6 @@ def test_image_folder_metadata_matches_files_and_captions(tmp_path):
     assert _mtimes(folder) == before
 
 
-def test_frechet_distance_is_zero_for_identical_and_grows_with_shift():
-    feats = np.random.default_rng(0).normal(size=(500, 8))
-    assert digits.frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-6)
-    distances = [digits.frechet_distance(feats, feats + shift) for shift in (0.5, 1.0, 2.0)]
-    # Same covariance, mean moved by `shift` in each of 8 dims: distance is 8 * shift ** 2.
-    assert distances == pytest.approx([2.0, 8.0, 32.0], rel=1e-4)
-    wider = digits.frechet_distance(feats, feats * 2.0)
-    assert wider > 1.0
-
-
 def test_classifier_accepts_uint8_hwc_and_float_chw_alike():
     classifier = digits.DigitsClassifier()
     images, _ = digits.digits_split("test")
@@ -149,3 +139,12 @@ def test_saved_text_encoder_reproduces_the_training_caption_embeddings(tiny_teac
     torch.testing.assert_close(seven[0], trained_on[7])
     torch.testing.assert_close(empty[0], trained_on[10])
     assert not torch.allclose(trained_on[7], trained_on[1])
+
+
+def test_changed_recipe_rebuilds_and_replaces_the_teacher(tmp_path):
+    folder = digits.build_digits_teacher(tmp_path / "teacher", **TINY_RECIPE)
+    first = json.loads((folder / digits.TEACHER_MARKER).read_text())
+    digits.build_digits_teacher(folder, **{**TINY_RECIPE, "unet_steps": 3})
+    second = json.loads((folder / digits.TEACHER_MARKER).read_text())
+    assert (first["recipe"]["unet_steps"], second["recipe"]["unet_steps"]) == (2, 3)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["teacher"]  # no .tmp / .old leftovers
