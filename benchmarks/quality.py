@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from distill.demo import digit_prompts, load_student_pipeline, load_teacher_pipeline, metrics_table, score
@@ -110,7 +112,9 @@ def main(argv=None) -> int:
     (args.out / "quality.json").write_text(json.dumps(results, indent=2))
     train_images, _ = digits_split("train")
     floor = frechet_distance(classifier.features(train_images[: len(prompts)]), real_features)
-    lines = [f"Digits benchmark: {args.images_per_digit} images per digit, teacher CFG {args.teacher_guidance}, "
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [f"Command: `{command}` on {torch.get_num_threads()} CPU threads.\n",
+             f"Digits benchmark: {args.images_per_digit} images per digit, teacher CFG {args.teacher_guidance}, "
              f"classifier test accuracy {classifier.test_accuracy:.3f}; FD of {len(prompts)} real train digits to "
              f"the test digits (the floor): {floor:.2f}.\n",
              metrics_table(results)]
