@@ -376,20 +376,7 @@ def _train_and_save_teacher(tmp: Path, recipe: TeacherRecipe, progress: bool) ->
         latents = _encode_latents(vae, pixels)
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
         unet = _train_unet(latents * vae.config.scaling_factor, labels, _caption_embeddings(text_encoder), recipe, bar)
-    build_tiny_teacher(tmp, seed=recipe.seed, unet=unet, vae=vae, text_encoder=text_encoder, scheduler=_sd_scheduler())
-
-
-def _sd_scheduler():
-    """tiny.ddpm_scheduler with "clip_sample": false recorded, as real SD 1.x scheduler configs have it.
-
-    PNDM ignores the flag, but DDIM/DDPM schedulers built with from_config would otherwise default to
-    clipping predicted latents to [-1, 1], which ruins unit-variance latents.
-    """
-    from distill.tiny import ddpm_scheduler
-
-    scheduler = ddpm_scheduler("epsilon")
-    scheduler.register_to_config(clip_sample=False)
-    return scheduler
+    build_tiny_teacher(tmp, seed=recipe.seed, unet=unet, vae=vae, text_encoder=text_encoder)
 
 
 def _train_vae(pixels: torch.Tensor, recipe: TeacherRecipe, bar):

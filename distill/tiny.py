@@ -137,27 +137,22 @@ def tiny_unet(
 
 
 def ddpm_scheduler(prediction_type: str = "epsilon"):
-    """The scheduler config SD 1.x/SDXL ship with (scaled-linear betas, 1000 steps)."""
+    """The scheduler config SD 1.x/SDXL ship with (scaled-linear betas, 1000 steps, ``clip_sample: false``).
+
+    Real SD folders ship PNDM (SD 1.x) or Euler (SDXL) with the same betas. ``clip_sample`` is recorded as real SD
+    configs record it: DDIM/DDPM schedulers built with ``from_config`` would otherwise clip predicted latents to
+    [-1, 1], which ruins unit-variance latents.
+    """
     from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
-    # Real SD folders ship PNDM (SD 1.x) or Euler (SDXL); both carry the same betas.
-    return PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    ) if prediction_type == "epsilon" else EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        prediction_type=prediction_type,
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 prediction_type=prediction_type, steps_offset=1)
+    if prediction_type == "epsilon":
+        scheduler = PNDMScheduler(skip_prk_steps=True, **betas)
+    else:
+        scheduler = EulerDiscreteScheduler(timestep_spacing="leading", **betas)
+    scheduler.register_to_config(clip_sample=False)
+    return scheduler
 
 
 def build_tiny_teacher(
@@ -168,7 +163,6 @@ def build_tiny_teacher(
     unet=None,
     vae=None,
     text_encoder=None,
-    scheduler=None,
 ):
     """Save a tiny SD (sdxl=False) or SDXL teacher in the standard diffusers folder layout."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -184,7 +178,7 @@ def build_tiny_teacher(
             tokenizer=tokenizer,
             tokenizer_2=tokenizer_2,
             unet=unet or tiny_unet(sdxl=True, cross_attention_dim=64, seed=seed),
-            scheduler=scheduler if scheduler is not None else ddpm_scheduler(prediction_type),
+            scheduler=ddpm_scheduler(prediction_type),
             force_zeros_for_empty_prompt=True,
         )
     else:
@@ -193,7 +187,7 @@ def build_tiny_teacher(
             text_encoder=text_encoder or tiny_text_encoder(32, 32, with_projection=False, seed=seed + 1),
             tokenizer=tokenizer,
             unet=unet or tiny_unet(sdxl=False, cross_attention_dim=32, seed=seed),
-            scheduler=scheduler if scheduler is not None else ddpm_scheduler(prediction_type),
+            scheduler=ddpm_scheduler(prediction_type),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
