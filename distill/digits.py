@@ -268,7 +268,7 @@ class TeacherRecipe:
     high_noise_weight_cap: float = 5.0  # epsilon-loss weight clamp(1 / SNR, 1, cap); 1 = plain DDPM loss
     cross_attention_init_dims: int = 4  # 0 = diffusers' default random init
     cross_attention_init_gain: float = 3.0
-    ema_decay: float = 0.995
+    ema_decay: float = 0.995  # cap on the usual (1 + step) / (10 + step) warm-up, which stays below it for ~1800 steps
     warmup_steps: int = 50
 
     def to_json(self) -> dict:
@@ -408,7 +408,7 @@ def _encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.T
 
 @torch.no_grad()
 def _caption_embeddings(text_encoder) -> torch.Tensor:
-    """Text-encoder hidden states of the ten captions plus the empty caption (index 10), as the SD pipeline computes them."""
+    """Hidden states of the ten captions plus the empty one (index 10), exactly as the SD pipeline encodes them."""
     from distill.tiny import clip_tokenizer
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -470,7 +470,8 @@ def _epsilon_loss(unet, latents, context, weights: dict[str, torch.Tensor], gene
     """DDPM loss: (weighted) MSE between the UNet's noise prediction and the noise added at a random timestep."""
     timesteps = torch.randint(0, len(weights["loss"]), (len(latents),), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
-    noisy = weights["signal"][timesteps].view(-1, 1, 1, 1) * latents + weights["noise"][timesteps].view(-1, 1, 1, 1) * noise
+    signal, noise_level = (weights[key][timesteps].view(-1, 1, 1, 1) for key in ("signal", "noise"))
+    noisy = signal * latents + noise_level * noise
     errors = (unet(noisy, timesteps, context).sample - noise).square().mean(dim=(1, 2, 3))
     return (weights["loss"][timesteps] * errors).mean()
 

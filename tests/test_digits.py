@@ -90,6 +90,7 @@ def test_teacher_folder_is_standard_sd_with_unit_scaled_latents(tiny_teacher):
     scheduler = json.loads((tiny_teacher / "scheduler" / "scheduler_config.json").read_text())
     assert (scheduler["beta_schedule"], scheduler["num_train_timesteps"]) == ("scaled_linear", 1000)
     assert scheduler["prediction_type"] == "epsilon"
+    assert scheduler["clip_sample"] is False  # DDIMScheduler.from_config must not clip unit-variance latents
     vae_config = json.loads((tiny_teacher / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] > 0 and vae_config["scaling_factor"] != 0.18215
     marker = json.loads((tiny_teacher / digits.TEACHER_MARKER).read_text())
