@@ -36,7 +36,7 @@ class Cond:
         return kwargs
 
     def to(self, device=None, dtype=None) -> "Cond":
-        """Move every tensor; time ids keep their dtype family (float for the UNet)."""
+        """Move (and cast) every tensor of the condition."""
         return Cond(*(None if t is None else t.to(device=device, dtype=dtype) for t in self.tensors()))
 
     def tensors(self) -> tuple:
