@@ -44,21 +44,26 @@ class BatchEncoder:
         return Cond(*(None if t is None else t.expand(batch_size, *t.shape[1:]) for t in self._uncond.tensors()))
 
     def __call__(self, batch: dict, device) -> LatentBatch:
-        """A LatentBatch on ``device`` from either raw or cached batch contents."""
-        if "latents" in batch:
-            latents = batch["latents"].float()
+        """A LatentBatch on ``device`` from images + captions, cached latents + embeddings, captions only, or pairs."""
+        if "pixel_values" in batch:
+            latents = self.encode_images(batch["pixel_values"])
+        else:
+            latents = batch["latents"].float() if "latents" in batch else None
+        if "prompt_embeds" in batch:
             cond = Cond(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"), batch.get("time_ids"))
         else:
-            latents = self.encode_images(batch["pixel_values"])
             cond = self.encode_text(batch)
-        latents, cond = latents.to(device), cond.to(device, torch.float32)
-        uncond = self.uncond(len(latents)).to(device, torch.float32)
+        cond = cond.to(device, torch.float32)
+        latents = None if latents is None else latents.to(device)
+        noise = batch["noise"].float().to(device) if "noise" in batch else None
+        batch_size = cond.prompt_embeds.shape[0]
+        uncond = self.uncond(batch_size).to(device, torch.float32)
         if uncond.time_ids is not None:  # micro-conditioning describes the image, not the prompt
             uncond = Cond(uncond.prompt_embeds, uncond.pooled_prompt_embeds, cond.time_ids)
         if self.proportion_empty_prompts > 0:
-            keep = torch.rand(len(latents)) >= self.proportion_empty_prompts
+            keep = torch.rand(batch_size) >= self.proportion_empty_prompts
             cond = cond.where(keep, uncond)
-        return LatentBatch(latents, cond, uncond)
+        return LatentBatch(latents, cond, uncond, noise)
 
 
 class CachedLatents(torch.utils.data.Dataset):

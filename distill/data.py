@@ -49,11 +49,13 @@ MAX_LISTED = 5
 
 @dataclass
 class ImageDataConfig:
-    """Where the image-caption pairs come from and how images are prepared."""
+    """Where the training data come from (image-caption pairs, prompts or noise-latent pairs) and how images are prepared."""
 
     dataset_name: str | None = None
     dataset_config_name: str | None = None
     train_data_dir: str | None = None
+    prompts_file: str | None = None  # prompt-only methods: a .txt file, one prompt per line
+    pairs_dir: str | None = None  # pair-trained methods: the folder train_scripts/generate_pairs.py wrote
     image_column: str = "image"
     caption_column: str = "text"
     resolution: int = 1024
@@ -903,3 +905,49 @@ def build_prompt_dataset(source: str, caption_column: str = "text") -> list[str]
     if not prompts:
         raise DistillError(f"{source} contains no prompts. Add at least one non-empty prompt.")
     return prompts
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """Captions only, for methods that never see an image (score distillation)."""
+
+    def __init__(self, prompts: list[str]):
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"caption": self.prompts[index]}
+
+
+def collate_prompts(examples: list[dict]) -> dict:
+    """Batch items: caption list[str]."""
+    return {"caption": [example["caption"] for example in examples]}
+
+
+def build_prompt_training_set(config: ImageDataConfig) -> PromptDataset:
+    """Prompts from --prompts_file, else the caption column of --dataset_name / --train_data_dir."""
+    source = config.prompts_file or config.dataset_name or config.train_data_dir
+    if not source:
+        raise DistillError("This method trains on prompts only: pass --prompts_file (a .txt file, one prompt per "
+                           "line) or --dataset_name/--train_data_dir with a --caption_column.")
+    prompts = build_prompt_dataset(source, config.caption_column)
+    if config.max_train_samples is not None:
+        prompts = [prompts[i] for i in _subset(len(prompts), config.max_train_samples, config.seed)]
+    return PromptDataset(prompts)
+
+
+def build_training_set(kind: str, config: ImageDataConfig):
+    """(dataset, collate_fn) for a method's data kind: "images", "prompts" or "pairs"."""
+    if kind == "images":
+        return build_image_caption_dataset(config), collate_image_caption
+    if kind == "prompts":
+        return build_prompt_training_set(config), collate_prompts
+    if kind == "pairs":
+        from .pairs import collate_pairs, load_pair_dataset
+
+        if not config.pairs_dir:
+            raise DistillError("This method trains on teacher noise-latent pairs: pass --pairs_dir, the folder "
+                               "written by train_scripts/generate_pairs.py.")
+        return load_pair_dataset(config.pairs_dir), collate_pairs
+    raise ValueError(f"Unknown data kind {kind!r}")

@@ -15,6 +15,7 @@ from .lora import save_lora
 PIPELINE_MODULE = "pipeline_few_step"
 PIPELINE_CLASSES = {False: "FewStepStableDiffusionPipeline", True: "FewStepStableDiffusionXLPipeline"}
 SCHEDULER_SUBFOLDER = "scheduler"
+FULL_UNET_SUBFOLDER = "unet"  # where a fully fine-tuned student's UNet goes instead of LoRA weights
 SCHEDULER_FILES = {"LCMScheduler": None}  # scheduler class -> file in distill.pipelines when not a stock class
 
 
@@ -40,10 +41,19 @@ def student_pipeline(info: TeacherInfo, unet, vae, conditioner: TextConditioner,
     return pipe
 
 
+def is_lora_student(unet) -> bool:
+    """True when the student is a peft LoRA on the teacher's UNet, False for a fully fine-tuned UNet."""
+    return bool(getattr(getattr(unet, "module", unet), "peft_config", None))
+
+
 def export_lora_folder(folder: Path, unet, info: TeacherInfo, scheduler, defaults: dict, run_config: dict) -> Path:
-    """``pytorch_lora_weights.safetensors`` + ``scheduler/`` + ``distill_config.json`` for ``load_lora_weights``."""
+    """``pytorch_lora_weights.safetensors`` (or ``unet/`` for a fully fine-tuned student) + ``scheduler/`` +
+    ``distill_config.json``: what a stock pipeline needs to sample from the student."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_lora(folder, unet, info)
+    if is_lora_student(unet):
+        save_lora(folder, unet, info)
+    else:
+        getattr(unet, "module", unet).save_pretrained(folder / FULL_UNET_SUBFOLDER)
     scheduler.save_pretrained(folder / SCHEDULER_SUBFOLDER)
     sampling = {k: defaults[k] for k in ("scheduler", "num_inference_steps", "guidance_scale")}
     (folder / "distill_config.json").write_text(json.dumps({**run_config, "sampling": sampling}, indent=2,
@@ -55,13 +65,20 @@ def export_pipeline_folder(folder: Path, teacher_path: str, info: TeacherInfo, l
                            defaults: dict, torch_dtype=torch.float32) -> Path:
     """A folder ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` samples from in 1-4 steps.
 
-    The teacher is loaded, the LoRA fused into its UNet, the scheduler replaced, and the custom pipeline file
-    (plus the scheduler file when the scheduler is not stock diffusers) copied in and named in model_index.json.
+    The teacher is loaded, the LoRA fused into its UNet (or the UNet replaced by a fully fine-tuned one), the
+    scheduler replaced, and the custom pipeline file (plus the scheduler file when the scheduler is not stock
+    diffusers) copied in and named in model_index.json.
     """
     base = pipeline_class(info).from_pretrained(teacher_path, dtype=torch_dtype)
-    base.load_lora_weights(lora_folder)
-    base.fuse_lora()
-    base.unload_lora_weights()
+    if (lora_folder / FULL_UNET_SUBFOLDER).is_dir():
+        from diffusers import UNet2DConditionModel
+
+        base.unet = UNet2DConditionModel.from_pretrained(lora_folder, subfolder=FULL_UNET_SUBFOLDER,
+                                                         dtype=torch_dtype)
+    else:
+        base.load_lora_weights(lora_folder)
+        base.fuse_lora()
+        base.unload_lora_weights()
     components = {k: v for k, v in base.components.items() if k not in ("safety_checker", "feature_extractor")}
     components["scheduler"] = scheduler
     extra = {} if info.is_sdxl else {"requires_safety_checker": False}

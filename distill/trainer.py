@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .batching import BatchEncoder, CachedLatents
 from .conditioning import TeacherInfo, TextConditioner, inspect_teacher, native_resolution
-from .data import ImageDataConfig, build_image_caption_dataset, collate_image_caption
+from .data import ImageDataConfig, build_training_set
 from .errors import DistillError
 from .methods import Method, Teacher, get_method
 from .schedule import NoiseSchedule
@@ -84,7 +84,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def _validate_inputs(self) -> tuple[TeacherInfo, torch.utils.data.Dataset]:
+    def _validate_inputs(self) -> tuple[TeacherInfo, torch.utils.data.Dataset, object]:
         """Every user-caused problem is reported here, before any model is loaded."""
         cfg = self.config
         if not cfg.pretrained_teacher_model:
@@ -113,8 +113,8 @@ class Trainer:
         if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint, "trainer_state.json").is_file():
             raise DistillError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint} is not a checkpoint folder; "
                                "pass 'latest' or a checkpoint-N folder written by an earlier run.")
-        dataset = build_image_caption_dataset(self.data_config)
-        return info, dataset
+        dataset, collate = build_training_set(self.method_cls.data_kind_for(self.method_config), self.data_config)
+        return info, dataset, collate
 
     def _accelerator(self):
         from accelerate import Accelerator
@@ -154,7 +154,7 @@ class Trainer:
     def run(self) -> Path:
         """Train, then export; returns the output folder."""
         cfg = self.config
-        info, dataset = self._validate_inputs()
+        info, dataset, collate = self._validate_inputs()
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import cast_training_params
@@ -172,7 +172,8 @@ class Trainer:
         unet, vae, conditioner, schedule, scheduler_config = self._load_teacher(info, weight_dtype, accelerator.device)
         self.info, self.vae, self.conditioner, self.scheduler_config = info, vae, conditioner, scheduler_config
         unet.to(accelerator.device, weight_dtype)
-        method: Method = self.method_cls(Teacher(unet, schedule, info), self.method_config)
+        latent_shape = (unet.config.in_channels, *(2 * [cfg.resolution // self._vae_scale_factor(vae)]))
+        method: Method = self.method_cls(Teacher(unet, schedule, info, latent_shape), self.method_config)
         self.method = method
         groups = method.trainable()
         for net in method.nets.values():
@@ -183,8 +184,8 @@ class Trainer:
             unet.enable_xformers_memory_efficient_attention()
 
         encoder = BatchEncoder(vae, conditioner, cfg.proportion_empty_prompts, cfg.vae_encode_batch_size)
-        train_set, collate = dataset, collate_image_caption
-        if cfg.cache_latents:
+        train_set = dataset
+        if cfg.cache_latents and self.method_cls.data_kind_for(self.method_config) == "images":
             cache_file = self.output_dir / "cache" / "latents.safetensors"
             with accelerator.main_process_first():
                 train_set = CachedLatents.build(dataset, collate, encoder, cache_file, cfg.vae_encode_batch_size,
@@ -204,7 +205,8 @@ class Trainer:
         optimizers, schedulers = {}, {}
         optimizer_cls = self._optimizer_class()
         for name, params in groups.items():
-            lr = cfg.learning_rates.get(name, cfg.learning_rate) * (total_batch if cfg.scale_lr else 1)
+            base_lr = cfg.learning_rates.get(name, method.learning_rate_for(name, cfg.learning_rate))
+            lr = base_lr * (total_batch if cfg.scale_lr else 1)
             optimizers[name] = optimizer_cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
             schedulers[name] = get_scheduler(cfg.lr_scheduler, optimizer=optimizers[name],
@@ -218,6 +220,8 @@ class Trainer:
         schedulers = dict(zip(schedulers, prepared[len(names) + len(optimizers): -1]))
         loader = prepared[-1]
         self._register_checkpoint_hooks(accelerator, method)
+        for state in method.checkpoint_objects():
+            accelerator.register_for_checkpointing(state)
 
         if accelerator.is_main_process and accelerator.log_with:
             accelerator.init_trackers(cfg.tracker_project_name, config=self._flat_config())
@@ -248,6 +252,7 @@ class Trainer:
                         optimizers[name].zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:
                     continue
+                method.on_step_end(global_step)
                 global_step += 1
                 progress.update(1)
                 logs = {f"loss/{k}": accelerator.gather(v.detach()).mean().item() for k, v in losses.items()}
@@ -269,6 +274,10 @@ class Trainer:
         return self.output_dir
 
     # ----------------------------------------------------------------------------------------------- pieces
+    @staticmethod
+    def _vae_scale_factor(vae) -> int:
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
     def _optimizer_class(self):
         if self.config.use_8bit_adam:
             import bitsandbytes as bnb
@@ -373,7 +382,7 @@ class Trainer:
         from .export import student_pipeline
 
         defaults = self.method.export_defaults()
-        unet = self.accelerator.unwrap_model(self.method.nets["unet"])
+        unet = self.accelerator.unwrap_model(self.method.student_unet())
         pipe = student_pipeline(self.info, unet, self.vae, self.conditioner, self._student_scheduler())
         rows = []
         for steps in sorted({1, defaults["num_inference_steps"]}):
@@ -401,7 +410,7 @@ class Trainer:
 
         defaults = self.method.export_defaults()
         scheduler = self._student_scheduler()
-        unet = self.accelerator.unwrap_model(self.method.nets["unet"])
+        unet = self.accelerator.unwrap_model(self.method.student_unet())
         run_config = {"method": self.method_cls.name, **self._flat_config()}
         export_lora_folder(self.output_dir, unet, self.info, scheduler, defaults, run_config)
         hyper = {k: v for k, v in asdict(self.method_config).items() if not isinstance(v, list)}

@@ -19,15 +19,25 @@ class Teacher:
     unet: torch.nn.Module
     schedule: NoiseSchedule
     info: TeacherInfo
+    latent_shape: tuple[int, int, int] = (4, 64, 64)  # (channels, height, width) of one latent at training size
 
 
 @dataclass
 class LatentBatch:
-    """A training batch in latent space: clean latents with their prompt and empty-prompt conditions."""
+    """A training batch in latent space: prompt and empty-prompt conditions, with what the data kind provides.
 
-    latents: torch.Tensor
+    ``latents``: clean latents (``images`` and ``pairs`` data; None for ``prompts``).
+    ``noise``: the initial noise coupled to ``latents`` (``pairs`` data only).
+    """
+
+    latents: torch.Tensor | None
     cond: Cond
     uncond: Cond
+    noise: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.cond.prompt_embeds.shape[0]
 
 
 class Method(abc.ABC):
@@ -35,6 +45,9 @@ class Method(abc.ABC):
 
     name: str = ""
     Config: type = object
+    # What the method trains on: "images" (image-caption data, VAE-encoded), "prompts" (captions only) or
+    # "pairs" (teacher noise/latent pairs written by train_scripts/generate_pairs.py).
+    data_kind: str = "images"
 
     def __init__(self, teacher: Teacher, config):
         self.teacher = teacher
@@ -52,6 +65,26 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def export_defaults(self) -> dict:
         """Scheduler class and config overrides, steps and guidance the exported student samples with."""
+
+    @classmethod
+    def data_kind_for(cls, config) -> str:
+        """The data kind this configuration trains on (a method with variants may override)."""
+        return cls.data_kind
+
+    def learning_rate_for(self, name: str, base_learning_rate: float) -> float:
+        """Default learning rate of optimizer ``name`` (--learning_rates overrides it; e.g. a fake score's own lr)."""
+        return base_learning_rate
+
+    def on_step_end(self, step: int) -> None:
+        """Called after every optimizer update (for example to update an EMA copy)."""
+
+    def checkpoint_objects(self) -> list:
+        """Extra objects with state_dict/load_state_dict saved in every checkpoint (for example an EMA copy)."""
+        return []
+
+    def student_unet(self) -> torch.nn.Module:
+        """The UNet to validate and export (a method keeping an EMA copy returns the EMA weights here)."""
+        return self.nets["unet"]
 
     def denoiser(self, name: str = "unet") -> Denoiser:
         """The (possibly distributed-wrapped) network ``name`` as a denoiser on the teacher's schedule."""
