@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from distill.demo import digit_prompts, load_student_pipeline, load_teacher_pipeline, metrics_table, score
+from distill.demo import (digit_prompts, load_student_pipeline, load_teacher_pipeline, metrics_table, score,
+                          student_guidance)
 from distill.digits import build_digits_teacher, digits_split, train_digits_classifier
 from distill.evaluate import frechet_distance, generate
 
@@ -40,6 +41,8 @@ def teacher_runs(teacher: Path, guidance: float, steps=TEACHER_STEPS) -> dict:
 
 def targets(results: dict, method: str) -> list[str]:
     """The benchmark's pass/fail targets for one student."""
+    if "teacher DDIM 25" not in results or "teacher DDIM 1" not in results:
+        return [f"- {method}: targets not evaluated (they need the teacher's DDIM 1 and 25 in --teacher_steps)"]
     ref, one_step = results["teacher DDIM 25"], results["teacher DDIM 1"]
     lines = []
     four = results.get(f"{method} 4")
@@ -82,11 +85,14 @@ def plot(results: dict, families: dict[str, str], path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher_dir", type=Path, default=Path("outputs/digits-teacher"))
-    parser.add_argument("--student", action="append", default=[], metavar="NAME=LORA_FOLDER",
-                        help="A distilled student to score (repeatable), e.g. lcm=outputs/digits-demo/lcm-lora.")
+    parser.add_argument("--student", action="append", default=[], metavar="NAME=OUTPUT_DIR",
+                        help="A distilled student to score (repeatable): a training run's output_dir, loaded from "
+                             "its pipeline folder, e.g. lcm=outputs/digits-demo/lcm-lora.")
     parser.add_argument("--teacher_guidance", type=float, default=4.0)
     parser.add_argument("--images_per_digit", type=int, default=30)
-    parser.add_argument("--teacher_steps", default=",".join(map(str, TEACHER_STEPS)))
+    parser.add_argument("--teacher_steps", default=",".join(map(str, TEACHER_STEPS)),
+                        help="Teacher step counts to score; pass an empty string to score students only "
+                             "(the targets then need the teacher's figures from an earlier run).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/digits"))
     args = parser.parse_args(argv)
@@ -95,11 +101,11 @@ def main(argv=None) -> int:
     classifier = train_digits_classifier(cache_path=args.teacher_dir / "classifier.pt", seed=args.seed)
     real_features = classifier.features(digits_split("test")[0])
     prompts, labels = digit_prompts(args.images_per_digit)
-    runs = teacher_runs(teacher, args.teacher_guidance, [int(s) for s in args.teacher_steps.split(",")])
+    runs = teacher_runs(teacher, args.teacher_guidance, [int(s) for s in args.teacher_steps.split(",") if s])
     for spec in args.student:
         name, folder = spec.split("=", 1)
         student = load_student_pipeline(teacher, Path(folder))
-        runs.update({f"{name} {n}": (name, student, n, 1.0) for n in STUDENT_STEPS})
+        runs.update({f"{name} {n}": (name, student, n, student_guidance(Path(folder))) for n in STUDENT_STEPS})
 
     results, families = {}, {}
     for run, (family, pipe, steps, guidance) in runs.items():

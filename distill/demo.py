@@ -53,14 +53,26 @@ def load_teacher_pipeline(teacher: Path):
     return pipe
 
 
-def load_student_pipeline(teacher: Path, lora_folder: Path):
-    """The stock pipeline with the exported LoRA and scheduler, exactly as a user loads them."""
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+def load_student_pipeline(teacher: Path, student_folder: Path):
+    """Any method's student as a user loads it: the exported pipeline folder (custom code travels with it) if
+    there is one, else the stock pipeline with the exported LoRA and the scheduler named in distill_config.json."""
+    import diffusers
 
-    pipe = StableDiffusionPipeline.from_pretrained(teacher)
-    pipe.scheduler = LCMScheduler.from_pretrained(lora_folder, subfolder="scheduler")
-    pipe.load_lora_weights(lora_folder)
+    if (student_folder / "pipeline" / "model_index.json").is_file():
+        pipe = diffusers.DiffusionPipeline.from_pretrained(student_folder / "pipeline", trust_remote_code=True)
+    else:
+        sampling = json.loads((student_folder / "distill_config.json").read_text())["sampling"]
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(teacher)
+        pipe.scheduler = getattr(diffusers, sampling["scheduler"]).from_pretrained(student_folder,
+                                                                                  subfolder="scheduler")
+        pipe.load_lora_weights(student_folder)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def student_guidance(student_folder: Path) -> float:
+    """The guidance scale the student was exported to sample with (1 for students trained on a guided teacher)."""
+    return float(json.loads((student_folder / "distill_config.json").read_text())["sampling"]["guidance_scale"])
 
 
 def save_grid(rows: dict[str, np.ndarray], per_digit: int, path: Path) -> Path:
@@ -139,7 +151,7 @@ def main(argv=None) -> int:
     teacher_pipe = load_teacher_pipeline(teacher)
     student_pipe = load_student_pipeline(teacher, student)
     runs = {f"teacher DDIM {n} steps": (teacher_pipe, n, args.teacher_guidance) for n in (25, 4, 2, 1)}
-    runs.update({f"student LCM-LoRA {n} steps": (student_pipe, n, 1.0) for n in (4, 2, 1)})
+    runs.update({f"student LCM-LoRA {n} steps": (student_pipe, n, student_guidance(student)) for n in (4, 2, 1)})
     results, images = {}, {}
     for name, (pipe, steps, guidance) in runs.items():
         samples = generate(pipe, prompts, steps, guidance, seed=args.seed)
