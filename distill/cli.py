@@ -29,6 +29,11 @@ HELP = {
     "learning_rates": "Per-optimizer learning rates, e.g. --learning_rates fake_score=1e-3.",
     "export_pipeline": "Also write a self-contained pipeline folder (output_dir/pipeline).",
     "lora_target_modules": "Comma-separated module names to adapt (default: diffusers' LCM-LoRA list).",
+    "export_format": "diffusers, or kohya to also write pytorch_lora_weights_kohya.safetensors (ComfyUI/A1111).",
+    "push_to_hub": "Upload the student (weights, scheduler/, model card, samples.png) to --hub_model_id.",
+    "hub_model_id": "The Hub model repo to create or update, e.g. user/lcm-lora-sdxl.",
+    "hub_include_pipeline": "With --push_to_hub, also upload the self-contained pipeline/ folder.",
+    "hub_private_repo": "With --push_to_hub, create the repo as private.",
 }
 # Flags of diffusers' scripts that this toolkit accepts under the same name but handles elsewhere or ignores.
 ALIASES = {"train_shards_path_or_url": "train_data_dir"}

@@ -10,20 +10,27 @@ from pathlib import Path
 import torch
 
 from .conditioning import TeacherInfo, TextConditioner, pipeline_class
-from .lora import save_lora
+from .lora import KOHYA_WEIGHT_NAME, save_lora
 
 PIPELINE_MODULE = "pipeline_few_step"
 PIPELINE_CLASSES = {False: "FewStepStableDiffusionPipeline", True: "FewStepStableDiffusionXLPipeline"}
 SCHEDULER_SUBFOLDER = "scheduler"
 FULL_UNET_SUBFOLDER = "unet"  # where a fully fine-tuned student's UNet goes instead of LoRA weights
-SCHEDULER_FILES = {"LCMScheduler": None}  # scheduler class -> file in distill.pipelines when not a stock class
+SCHEDULER_FILES = {"LCMScheduler": None,  # scheduler class -> file in distill.pipelines when not a stock class
+                   "PCMScheduler": "scheduler_pcm"}
 
 
 def student_scheduler(teacher_scheduler_config, defaults: dict):
     """The scheduler the student samples with, configured from the teacher's betas and the method's overrides."""
+    import importlib
+
     import diffusers
 
-    cls = getattr(diffusers, defaults["scheduler"])
+    name = defaults["scheduler"]
+    if hasattr(diffusers, name):
+        cls = getattr(diffusers, name)
+    else:  # a custom scheduler shipped in distill.pipelines (and copied into exported folders)
+        cls = getattr(importlib.import_module(f"distill.pipelines.{SCHEDULER_FILES[name]}"), name)
     return cls.from_config(teacher_scheduler_config, **defaults.get("scheduler_config", {}))
 
 
@@ -119,9 +126,47 @@ def _install_custom_code(folder: Path, info: TeacherInfo, defaults: dict) -> Non
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+SAMPLES_FILE = "samples.png"  # the last validation grid, copied next to the model card
+PIPELINE_SUBFOLDER = "pipeline"
+# What a LoRA/student folder holds for the Hub: weights (diffusers and kohya keys, or a full UNet), the scheduler,
+# the card, its sample grid and the run's settings. Anything else in output_dir (checkpoint-N/, logs/, cache/,
+# validation/, half-written *.partial folders) stays local.
+HUB_STUDENT_FILES = ["pytorch_lora_weights.safetensors", KOHYA_WEIGHT_NAME,
+                     f"{FULL_UNET_SUBFOLDER}/*", f"{SCHEDULER_SUBFOLDER}/*", "README.md", SAMPLES_FILE,
+                     "distill_config.json"]
+HUB_PIPELINE_FILES = [f"{PIPELINE_SUBFOLDER}/*"]
+HUB_NEVER = ["*.partial", "*.partial/*", "checkpoint-*", "logs/*", "cache/*", "validation/*"]
+
+
+def copy_sample_grid(output_dir: Path) -> Path | None:
+    """Copy the newest validation grid (``validation/step-N.png``) to ``samples.png``; None when there is none."""
+    grids = sorted((output_dir / "validation").glob("step-*.png"), key=lambda p: int(p.stem.split("-")[1]))
+    if not grids:
+        return None
+    target = output_dir / SAMPLES_FILE
+    shutil.copyfile(grids[-1], target)
+    return target
+
+
+def _scheduler_import(scheduler: str) -> str:
+    """The import line for the student's scheduler: stock diffusers, or the file shipped in ``scheduler/``."""
+    import diffusers
+
+    if hasattr(diffusers, scheduler):
+        return f"from diffusers import {scheduler}"
+    return f"from {SCHEDULER_FILES.get(scheduler) or scheduler} import {scheduler}  # file in this repo's scheduler/"
+
+
+def _table_rows(values: dict | None) -> str:
+    return "\n".join(f"| {k} | {v} |" for k, v in sorted((values or {}).items()))
+
+
 def write_model_card(folder: Path, method: str, info: TeacherInfo, teacher_id: str, defaults: dict,
-                     hyperparameters: dict, metrics: dict | None = None) -> Path:
-    """A README.md model card (huggingface_hub ModelCard) with the usage snippet for this student."""
+                     hyperparameters: dict, metrics: dict | None = None, repo_id: str | None = None,
+                     samples: str | None = None, pipeline_subfolder: str | None = None,
+                     kohya_file: str | None = None) -> Path:
+    """``README.md`` from ``model_cards/<method>.md`` (huggingface_hub ModelCard): usage with the right scheduler,
+    steps and guidance, hyperparameters, metrics and, when given, the sample grid and the pipeline folder."""
     from huggingface_hub import ModelCard, ModelCardData
 
     template = resources.files("distill.model_cards").joinpath(f"{method}.md").read_text()
@@ -135,21 +180,34 @@ def write_model_card(folder: Path, method: str, info: TeacherInfo, teacher_id: s
         teacher=teacher_id,
         pipeline_class=pipeline_name,
         scheduler=defaults["scheduler"],
+        scheduler_import=_scheduler_import(defaults["scheduler"]),
         steps=defaults["num_inference_steps"],
         guidance=defaults["guidance_scale"],
-        hyperparameters="\n".join(f"| {k} | {v} |" for k, v in sorted(hyperparameters.items())),
-        metrics="\n".join(f"| {k} | {v} |" for k, v in sorted((metrics or {}).items())) or "| not measured | |",
+        hyperparameters=_table_rows(hyperparameters),
+        metrics=_table_rows(metrics) or "| not measured | |",
+        repo_id=repo_id or "<this repo>",
+        samples=samples,
+        pipeline_subfolder=pipeline_subfolder,
+        kohya_file=kohya_file,
     )
     path = folder / "README.md"
     card.save(path)
     return path
 
 
-def push_to_hub(folder: Path, repo_id: str, token: str | None = None, private: bool = False) -> str:
-    """Upload the export (not checkpoints or logs) to the Hub with huggingface_hub."""
-    from huggingface_hub import create_repo, upload_folder
+def hub_upload_patterns(include_pipeline: bool) -> tuple[list[str], list[str]]:
+    """(allow_patterns, ignore_patterns) for ``upload_folder``: the student files, optionally ``pipeline/``."""
+    return HUB_STUDENT_FILES + (HUB_PIPELINE_FILES if include_pipeline else []), list(HUB_NEVER)
 
-    repo = create_repo(repo_id, token=token, private=private, exist_ok=True)
-    upload_folder(repo_id=repo.repo_id, folder_path=str(folder), token=token,
-                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "validation/**", "*.partial/**"])
+
+def push_to_hub(folder: Path, repo_id: str, token: str | None = None, private: bool = False,
+                include_pipeline: bool = False) -> str:
+    """Create (or reuse) the model repo and upload the student folder in one commit with huggingface_hub."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    allow, ignore = hub_upload_patterns(include_pipeline)
+    api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), repo_type="model", allow_patterns=allow,
+                      ignore_patterns=ignore, commit_message="Upload distilled student")
     return repo.repo_id

@@ -62,3 +62,39 @@ def save_lora(folder: str | Path, unet: torch.nn.Module, info: TeacherInfo) -> P
         safe_serialization=True,
     )
     return folder / "pytorch_lora_weights.safetensors"
+
+
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+
+
+def kohya_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter in kohya-ss keys (``lora_unet_<module path with _>.lora_down/.lora_up/.alpha``).
+
+    These are the names kohya's sd-scripts write for SD 1.x/2.x (a diffusers-layout UNet; for SDXL it writes the
+    original ``input_blocks_...`` names instead), which ComfyUI and AUTOMATIC1111 map onto their own UNet modules for
+    SD and SDXL alike, and which diffusers' ``load_lora_weights`` converts back. diffusers'
+    ``convert_state_dict_to_kohya`` does the renaming but stores ``alpha = rank`` (scale 1), so each module's
+    ``.alpha`` is set here to the adapter's real ``lora_alpha``: a kohya loader scales ``up @ down`` by
+    ``alpha / rank``, the same scale peft applied in training.
+    """
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft.tuners.lora import LoraLayer
+
+    bare = getattr(unet, "module", unet)
+    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora_state_dict(bare).items()})
+    for name, module in bare.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_alpha:
+            alpha_key = f"lora_unet_{name.replace('.', '_')}.alpha"
+            if alpha_key not in state:
+                raise KeyError(f"kohya conversion lost the LoRA of {name}")
+            state[alpha_key] = torch.tensor(float(module.lora_alpha[ADAPTER_NAME]))
+    return state
+
+
+def save_lora_kohya(folder: str | Path, unet: torch.nn.Module) -> Path:
+    """Write ``pytorch_lora_weights_kohya.safetensors``: the same LoRA in the key format ComfyUI/A1111 load."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / KOHYA_WEIGHT_NAME
+    save_file({k: v.contiguous() for k, v in kohya_state_dict(unet).items()}, str(path), metadata={"format": "pt"})
+    return path
