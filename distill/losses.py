@@ -13,3 +13,39 @@ def distance(prediction: torch.Tensor, target: torch.Tensor, loss_type: str, hub
     if loss_type == "huber":
         return (diff.pow(2) + huber_c**2).sqrt().sub(huber_c).mean()
     raise ValueError(f"loss_type must be 'l2' or 'huber', got {loss_type!r}")
+
+
+def hinge_discriminator_loss(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """relu(1 - D(real)) + relu(1 + D(fake)) over positions and levels (hinge GAN, Lim & Ye 2017; PCM Algorithm 1)."""
+    terms = [torch.relu(1 - r.float()).mean() + torch.relu(1 + f.float()).mean()
+             for r, f in zip(real_logits, fake_logits)]
+    return torch.stack(terms).mean()
+
+
+def hinge_generator_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """-D(fake), averaged over positions and feature levels (the hinge GAN generator loss, Lim & Ye 2017)."""
+    return -torch.stack([f.float().mean() for f in fake_logits]).mean()
+
+
+def score_distillation_surrogate(x0: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """0.5 * mean((x0 - sg(x0 - g))^2), whose gradient w.r.t. x0 is g / x0.numel() (VSD / DMD surrogate loss).
+
+    Score distillation gives dL/dx0 = g = omega(t) (eps_real - eps_fake) directly (SwiftBrush, Algorithm 1, line 10)
+    but no loss; this is the loss with that gradient, as SwiftBrush's and DMD2's code write it: the target
+    x0 - g is a constant, so d/dx0 of 0.5 (x0 - target)^2 is x0 - target = g, per element, before the mean.
+    """
+    target = (x0 - gradient).detach()
+    return 0.5 * (x0.float() - target.float()).pow(2).mean()
+
+
+def hinge_adversarial_losses(heads: torch.nn.Module, real_features: list[torch.Tensor],
+                             fake_features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generator, discriminator) hinge losses of discriminator heads on feature maps (Lim & Ye 2017, eq. 5-6).
+
+    The generator's term reaches the fake features but not the heads (their weights are detached); the
+    discriminator's term reaches the heads only (features detached), in one pass over real and fake.
+    """
+    generator = hinge_generator_loss(getattr(heads, "module", heads).frozen(fake_features))
+    both = heads([torch.cat([r.detach(), f.detach()]) for r, f in zip(real_features, fake_features)])
+    real_logits, fake_logits = zip(*(logits.chunk(2) for logits in both))
+    return generator, hinge_discriminator_loss(list(real_logits), list(fake_logits))

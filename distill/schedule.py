@@ -78,3 +78,60 @@ def consistency_boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, time
     c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
     c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
     return c_skip.float(), c_out.float()
+
+
+def skipping_step_pairs(grid: torch.Tensor, skip: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """t_{n+k} uniform on the skipping-step grid and t_n = t_{n+k} - k clamped at 0 (LCM, Luo et al. 2023, sec. 4.3)."""
+    start = grid[torch.randint(0, len(grid), (batch_size,))]
+    return start, (start - skip).clamp(min=0)
+
+
+def phase_edges(num_train_timesteps: int, num_ddim_timesteps: int, multiphase: int) -> torch.Tensor:
+    """Edges s_0 = 0 < s_1 < ... < s_M = t_N of M phases on the DDIM grid (PCM, Wang et al. 2024, Algorithm 1 input).
+
+    With the grid t_0 = 0, t_i = i*k - 1 (i = 1..N), edge m is t_{j_m} with j_m = floor(m N / M): the same split of
+    the N grid steps into M runs as the reference implementation's ``np.linspace(0, N, M, endpoint=False)``.
+    """
+    if not 1 <= multiphase <= num_ddim_timesteps:
+        raise ValueError(f"multiphase must be in [1, {num_ddim_timesteps}], got {multiphase}")
+    grid = torch.cat([torch.zeros(1, dtype=torch.long), ddim_timesteps(num_train_timesteps, num_ddim_timesteps)])
+    return grid[torch.arange(multiphase + 1) * num_ddim_timesteps // multiphase]
+
+
+def phase_lower_edge(t: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """s_m for the phase s_m < t <= s_{m+1} that holds t (PCM, Wang et al. 2024, Algorithm 1, "determine [s_m, s_{m+1}]")."""
+    inner = edges[1:-1].to(t.device)
+    phase = (t.view(-1, 1) > inner.view(1, -1)).sum(dim=1)
+    return edges.to(t.device)[phase]
+
+
+def diffuse_between(schedule: NoiseSchedule, x_s: torch.Tensor, noise: torch.Tensor, s: torch.Tensor,
+                    t: torch.Tensor) -> torch.Tensor:
+    """q(x_t | x_s) = N(sqrt(abar_t / abar_s) x_s, (1 - abar_t / abar_s) I) for t >= s (DDPM, Ho et al. 2020, eq. 2)."""
+    ratio = _per_sample(schedule.alphas_cumprod[t.cpu().long()] / schedule.alphas_cumprod[s.cpu().long()], x_s)
+    return ratio.sqrt() * x_s + (1 - ratio).sqrt() * noise
+
+
+def alpha_sigma_to_clean(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor):
+    """alpha_t, sigma_t where t = -1 is the clean end alpha = 1, sigma = 0 (DDIM's final step with set_alpha_to_one)."""
+    t = t.cpu().long()
+    clean = t < 0
+    alpha = torch.where(clean, torch.ones(()), schedule.alphas[t.clamp(min=0)])
+    sigma = torch.where(clean, torch.zeros(()), schedule.sigmas[t.clamp(min=0)])
+    return _per_sample(alpha, like), _per_sample(sigma, like)
+
+
+def transition_variance(schedule: NoiseSchedule, s: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """beta_{t|s} = 1 - abar_t / abar_s, the variance of q(x_t | x_s) for s < t (DDPM, Ho et al. 2020, eq. 2 and 4)."""
+    ratio = schedule.alphas_cumprod[t.cpu().long()] / schedule.alphas_cumprod[s.cpu().long()]
+    return _per_sample(1 - ratio, like)
+
+
+def posterior_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, s: torch.Tensor,
+                            t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of q(x_s | x_t, x_0) for s < t (DDPM, Ho et al. 2020, eq. 6-7, beta_t -> beta_{t|s})."""
+    abar_t = _per_sample(schedule.alphas_cumprod[t.cpu().long()], x_t)
+    abar_s = _per_sample(schedule.alphas_cumprod[s.cpu().long()], x_t)
+    beta = transition_variance(schedule, s, t, x_t)
+    mean = (abar_s.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - abar_s) * x_t) / (1 - abar_t)
+    return mean, beta * (1 - abar_s) / (1 - abar_t)

@@ -6,7 +6,7 @@ import torch
 
 from .conditioning import Cond
 from .denoiser import Denoiser
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, alpha_sigma_to_clean
 
 
 def ddim_step(schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor, t_prev: torch.Tensor) -> torch.Tensor:
@@ -35,3 +35,27 @@ def cfg_teacher_ddim_step(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor,
     """One DDIM step of the CFG-augmented PF-ODE from t to t_prev (LCM, Luo et al. 2023, Algorithm 1, line 5)."""
     x0, eps = cfg_teacher_prediction(teacher, x_t, t, cond, uncond, w)
     return ddim_step(teacher.schedule, x0, eps, t_prev)
+
+
+@torch.no_grad()
+def teacher_ddim_step(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                      cond: Cond) -> torch.Tensor:
+    """One DDIM step of the conditional PF-ODE without guidance (PCM's ``not_apply_cfg_solver``; DDIM eq. 12)."""
+    x0, eps = teacher(x_t, t, cond)
+    return ddim_step(teacher.schedule, x0, eps, t_prev)
+
+
+def first_order_transfer(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                         t_to: torch.Tensor) -> torch.Tensor:
+    """Follow the first-order ODE x = alpha x0 + sigma eps from x_t to t_to (DDIM eq. 12; Rectified Diffusion)."""
+    alpha_t, sigma_t = alpha_sigma_to_clean(schedule, t, x_t)
+    alpha_to, sigma_to = alpha_sigma_to_clean(schedule, t_to, x_t)
+    return alpha_to * (x_t - sigma_t * eps) / alpha_t + sigma_to * eps
+
+
+def phase_noise(schedule: NoiseSchedule, x_start: torch.Tensor, x_end: torch.Tensor, s_start: torch.Tensor,
+                s_end: torch.Tensor) -> torch.Tensor:
+    """eps = Delta(x / alpha) / Delta(sigma / alpha) of the line joining two points (Rectified Diffusion, phased)."""
+    alpha_s, sigma_s = alpha_sigma_to_clean(schedule, s_start, x_start)
+    alpha_e, sigma_e = alpha_sigma_to_clean(schedule, s_end, x_start)
+    return (x_end / alpha_e - x_start / alpha_s) / (sigma_e / alpha_e - sigma_s / alpha_s)

@@ -540,7 +540,9 @@ class Trainer:
         return path
 
     def _flat_config(self) -> dict:
+        """Every setting of the run as scalars (for trackers and distill_config.json); never the Hub token."""
         flat = {**asdict(self.config), **asdict(self.method_config)}
+        flat.pop("hub_token", None)
         return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
     def _export(self) -> None:
@@ -555,7 +557,6 @@ class Trainer:
         scheduler = self._student_scheduler()
         unet = self.accelerator.unwrap_model(self.method.student_unet())
         run_config = {"method": self.method_cls.name, **self._flat_config()}
-        run_config.pop("hub_token", None)  # distill_config.json is uploaded with the weights
         export_lora_folder(self.output_dir, unet, self.info, scheduler, defaults, run_config)
         kohya = None
         if cfg.export_format == "kohya":

@@ -1,0 +1,198 @@
+"""Image-free one-step distillation by variational score distillation (SwiftBrush, Nguyen & Tran 2024, Algorithm 1).
+
+Three networks share the teacher's weights at the start (Algorithm 1, line 2: phi <- psi, theta <- psi):
+
+* the student f_theta: the teacher's UNet, with a LoRA (default) or fully fine-tuned, read at t = T - 1 as a one-step
+  generator x0 = (z - sigma_T eps_theta(z, T)) / alpha_T from pure noise z;
+* the fake score eps_phi: a copy of the teacher's UNet with its own LoRA, trained by denoising score matching on the
+  student's (detached) samples, so that it tracks the score of the student's distribution;
+* the real score eps_psi: the frozen teacher with classifier-free guidance. It is the fake score's copy with its
+  adapters disabled, which is the untouched teacher whether the student is a LoRA or a fully fine-tuned UNet.
+
+The student moves its samples along the difference of the two scores (the VSD gradient of ProlificDreamer, Wang et al.
+2023, as SwiftBrush's Algorithm 1, line 10 writes it); both networks are updated once per step, student first.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from ..conditioning import Cond
+from ..errors import DistillError
+from ..lora import DEFAULT_TARGET_MODULES, add_lora
+from ..losses import distance, score_distillation_surrogate
+from ..schedule import NoiseSchedule
+from ..solvers import cfg_teacher_prediction
+from .base import LatentBatch, Method, Teacher
+
+WEIGHTINGS = ("swiftbrush", "dmd")
+# Learning-rate ratio fake score / student when --fake_score_lr_ratio is not given. SwiftBrush trains a full student
+# at 1e-6 and the LoRA fake score at 1e-3 (ratio 1000); a LoRA student's usual rate is about 1e-4, so the same
+# absolute fake-score rate is a ratio of 10.
+DEFAULT_FAKE_LR_RATIO = {True: 1000.0, False: 10.0}
+
+
+@dataclass
+class SwiftBrushConfig:
+    """SwiftBrush's settings: real-score CFG 4.5, t ~ U[0.02T, 0.98T], a LoRA fake score with its own learning rate."""
+
+    guidance_scale: float = 4.5
+    min_timestep_ratio: float = 0.02
+    max_timestep_ratio: float = 0.98
+    weighting: str = "swiftbrush"
+    full_finetune: bool = False
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    fake_lora_rank: int = 64
+    fake_lora_alpha: float = 64.0
+    fake_score_lr_ratio: float | None = None
+
+    def __post_init__(self):
+        if self.guidance_scale < 1:
+            raise DistillError(f"--guidance_scale must be >= 1 (1 turns guidance off), got {self.guidance_scale}.")
+        if not 0 <= self.min_timestep_ratio < self.max_timestep_ratio <= 1:
+            raise DistillError("Need 0 <= --min_timestep_ratio < --max_timestep_ratio <= 1, got "
+                               f"{self.min_timestep_ratio} and {self.max_timestep_ratio}.")
+        if self.weighting not in WEIGHTINGS:
+            raise DistillError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}.")
+        if self.lora_rank < 1 or self.fake_lora_rank < 1:
+            raise DistillError(f"--lora_rank and --fake_lora_rank must be positive, got {self.lora_rank} and "
+                               f"{self.fake_lora_rank}.")
+        if self.fake_score_lr_ratio is not None and self.fake_score_lr_ratio <= 0:
+            raise DistillError(f"--fake_score_lr_ratio must be positive, got {self.fake_score_lr_ratio}.")
+
+
+def one_step_x0(student, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """x0 = f_theta(z, y) = (z - sigma_T eps_theta(z, T)) / alpha_T at t = T - 1 (SwiftBrush, Algorithm 1, line 6)."""
+    t = torch.full((z.shape[0],), student.schedule.num_train_timesteps - 1, dtype=torch.long, device=z.device)
+    x0, _ = student(z, t, cond)
+    return x0
+
+
+def vsd_weight(schedule: NoiseSchedule, t: torch.Tensor, x0: torch.Tensor, x0_real: torch.Tensor,
+               weighting: str) -> torch.Tensor:
+    """omega(t): sigma_t^2 (SwiftBrush's code) or sigma_t / (alpha_t mean|x0 - x0_real|) (DMD, Yin et al. 2024, 3.2).
+
+    DMD writes its gradient in x0 space, (x0_fake - x0_real) / mean|x0 - x0_real|; with x0 = (x_t - sigma_t eps) /
+    alpha_t for both scores at the same x_t this is the eps-space gradient times sigma_t / alpha_t / mean|...|.
+    """
+    sigma = schedule.sigma(t, x0)
+    if weighting == "swiftbrush":
+        return sigma**2
+    normaliser = (x0 - x0_real).abs().mean(dim=tuple(range(1, x0.dim())), keepdim=True).clamp_min(1e-8)
+    return sigma / (schedule.alpha(t, x0) * normaliser)
+
+
+class SwiftBrush(Method):
+    """A one-step student trained from prompts only against a guided real score and a LoRA fake score."""
+
+    name = "swiftbrush"
+    Config = SwiftBrushConfig
+    data_kind = "prompts"
+
+    def __init__(self, teacher: Teacher, config: SwiftBrushConfig):
+        super().__init__(teacher, config)
+        # phi <- psi: the fake score copies the teacher before the student changes it (Algorithm 1, line 2).
+        fake_score = copy.deepcopy(teacher.unet)
+        self.fake_params = add_lora(fake_score, config.fake_lora_rank, config.fake_lora_alpha, 0.0,
+                                    config.lora_target_modules)
+        # theta <- psi: a LoRA whose B starts at zero, or every weight of the teacher's UNet.
+        if config.full_finetune:
+            self.student_params = list(teacher.unet.requires_grad_(True).parameters())
+        else:
+            self.student_params = add_lora(teacher.unet, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                                           config.lora_target_modules)
+        self.nets["unet"] = teacher.unet
+        self.nets["fake_score"] = fake_score
+        steps = teacher.schedule.num_train_timesteps
+        self.t_min = round(config.min_timestep_ratio * steps)
+        self.t_max = min(round(config.max_timestep_ratio * steps), steps - 1)
+
+    def trainable(self) -> dict[str, list[torch.nn.Parameter]]:
+        return {"unet": self.student_params, "fake_score": self.fake_params}
+
+    def learning_rate_for(self, name: str, base_learning_rate: float) -> float:
+        if name != "fake_score":
+            return base_learning_rate
+        ratio = self.config.fake_score_lr_ratio or DEFAULT_FAKE_LR_RATIO[self.config.full_finetune]
+        return base_learning_rate * ratio
+
+    # ------------------------------------------------------------------------------------------- pieces
+    def generate(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The student's one-step sample from pure noise (Algorithm 1, line 6)."""
+        return one_step_x0(self.denoiser(), z, cond)
+
+    def sample_noise(self, batch_size: int, device) -> torch.Tensor:
+        """z ~ N(0, I) in the teacher's latent space (Algorithm 1, line 4)."""
+        return torch.randn((batch_size, *self.teacher.latent_shape), device=device)
+
+    def sample_vsd_timesteps(self, batch_size: int, device) -> torch.Tensor:
+        """t ~ U{0.02T, ..., 0.98T} for the student's update (Algorithm 1, line 7)."""
+        return torch.randint(self.t_min, self.t_max + 1, (batch_size,), device=device)
+
+    def sample_fake_timesteps(self, batch_size: int, device) -> torch.Tensor:
+        """t' ~ U{0, ..., T-1} for the fake score's update (Algorithm 1, line 11)."""
+        return torch.randint(0, self.teacher.schedule.num_train_timesteps, (batch_size,), device=device)
+
+    @torch.no_grad()
+    def vsd_gradient(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, batch: LatentBatch) -> torch.Tensor:
+        """omega(t) (eps_psi^w(x_t, t, y) - eps_phi(x_t, t, y)): dL/dx0 of VSD (SwiftBrush, Algorithm 1, line 10).
+
+        The real score is guided in the standard form eps_u + w (eps_c - eps_u) (diffusers' pipelines, SwiftBrush's
+        and DMD2's code), which is Ho & Salimans 2022, eq. 6, (1 + w') eps_c - w' eps_u with w' = w - 1. The fake
+        score is conditional only (Algorithm 1 writes eps_phi(x_t, t, y); DMD2 keeps fake guidance at 1). With
+        scores s = -eps / sigma_t, a descent step -g = omega sigma_t (s_real - s_fake) moves the student's sample up
+        the guided teacher's log-density and down its own, i.e. it lowers KL(p_student || p_teacher).
+        """
+        fake_score = self.denoiser("fake_score")
+        with fake_score.as_teacher() as real_score:
+            w = torch.full((x_t.shape[0],), self.config.guidance_scale - 1.0, device=x_t.device)
+            x0_real, eps_real = cfg_teacher_prediction(real_score, x_t, t, batch.cond, batch.uncond, w)
+        _, eps_fake = fake_score(x_t, t, batch.cond)
+        weight = vsd_weight(self.teacher.schedule, t, x0.detach(), x0_real, self.config.weighting)
+        return weight * (eps_real - eps_fake)
+
+    def student_loss(self, x0: torch.Tensor, batch: LatentBatch) -> torch.Tensor:
+        """The VSD surrogate: its gradient w.r.t. the student's sample x0 is the VSD gradient (Algorithm 1, l. 7-10)."""
+        # 7. t ~ U[0.02T, 0.98T].
+        t = self.sample_vsd_timesteps(x0.shape[0], x0.device)
+        # 8-9. Diffuse the student's sample: x_t = alpha_t x0 + sigma_t eps.
+        x_t = self.teacher.schedule.add_noise(x0.detach(), torch.randn_like(x0), t)
+        # 10. omega(t) (eps_real - eps_fake), applied to x0 through 0.5 ||x0 - sg(x0 - grad)||^2.
+        return score_distillation_surrogate(x0, self.vsd_gradient(x0, x_t, t, batch))
+
+    def fake_score_loss(self, x0: torch.Tensor, batch: LatentBatch) -> torch.Tensor:
+        """Denoising score matching of the fake score on the student's detached samples (Algorithm 1, l. 11-14)."""
+        x0 = x0.detach()
+        # 11. t' ~ U[0, T].
+        t = self.sample_fake_timesteps(x0.shape[0], x0.device)
+        # 12-13. x_t' = alpha_t' x0 + sigma_t' eps'.
+        eps = torch.randn_like(x0)
+        x_t = self.teacher.schedule.add_noise(x0, eps, t)
+        # 14. ||eps_phi(x_t', t', y) - eps'||^2.
+        _, eps_fake = self.denoiser("fake_score")(x_t, t, batch.cond)
+        return distance(eps_fake, eps, "l2")
+
+    def loss(self, batch: LatentBatch, step: int) -> dict[str, torch.Tensor]:
+        device = batch.cond.prompt_embeds.device
+        # 4. Pure noise z ~ N(0, I); 5. the batch's prompts y.
+        z = self.sample_noise(batch.batch_size, device)
+        # 6. The student's one-step sample x0 = f_theta(z, y).
+        x0 = self.generate(z, batch.cond)
+        # 7-10. The student's VSD update, then 11-14. the fake score's update on the same (detached) sample.
+        return {"unet": self.student_loss(x0, batch), "fake_score": self.fake_score_loss(x0, batch)}
+
+    def export_defaults(self) -> dict:
+        # DDIM, trailing grid, final alpha 1: one step at t = T - 1 returns the x0 above exactly (prev_sample = x0).
+        return {
+            "scheduler": "DDIMScheduler",
+            "scheduler_config": {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False,
+                                 "thresholding": False},
+            "num_inference_steps": 1,
+            "guidance_scale": 1.0,
+        }

@@ -1,0 +1,175 @@
+"""UFOGen: one-step text-to-image generation with a diffusion-GAN objective (Xu et al. 2023, sec. 4).
+
+The generator is the teacher's UNet with a LoRA: from x_t it predicts x0' = G_theta(x_t, t). Training pairs are
+T / K timesteps apart (t-1 := max(t - T/K, 0)). The real x_{t-1} is drawn from q(x_{t-1} | x0), the fake x'_{t-1}
+from q(x_{t-1} | x0') (UFOGen's parameterisation, sec. 4.1; "posterior" draws both from q(x_{t-1} | x_t, .) as
+DDGAN / SIDDM do). A discriminator made of the frozen teacher's encoder features and small trainable heads tells
+them apart (hinge loss); the generator also minimises the reconstruction term gamma_t ||x0' - x0||^2 to which
+SIDDM's KL term reduces (sec. 4.1, appendix A.2.2). Sampling: x0' = G(x_T, T) is the one-step sample; with more
+steps x0' is re-noised to the next point of the K-point chain with fresh noise and denoised again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..conditioning import Cond
+from ..discriminator import DiscriminatorHeads, unet_encoder_features
+from ..errors import DistillError
+from ..lora import DEFAULT_TARGET_MODULES, add_lora
+from ..losses import hinge_adversarial_losses
+from ..schedule import ddim_timesteps, posterior_mean_variance, transition_variance
+from .base import LatentBatch, Method, Teacher
+
+DISCRIMINATOR = "discriminator"
+PREVIOUS_SAMPLES = ("marginal", "posterior")
+# The discriminator heads' default learning rate (the reference trains its discriminator with Adam at 1e-4);
+# override with --learning_rates discriminator=<lr>.
+DISCRIMINATOR_LEARNING_RATE = 1e-4
+# LCMScheduler's denoised output is c_skip(t) x_t + c_out(t) x0'; with the timestep scaled by 1e6, c_out(t) = 1 and
+# c_skip(t) < 1e-15 on every chain timestep (t >= 1), so the scheduler returns the generator's x0' itself.
+X0_TIMESTEP_SCALING = 1e6
+
+
+@dataclass
+class UFOGenConfig:
+    """UFOGen's objective with the reference implementation's defaults (K = 4 steps of T / 4, lambda = 1)."""
+
+    num_denoising_steps: int = 4
+    previous_sample: str = "marginal"
+    adversarial_weight: float = 1.0
+    reconstruction_weight: float = 1.0
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+
+    def __post_init__(self):
+        if self.num_denoising_steps < 1:
+            raise DistillError(f"--num_denoising_steps must be at least 1 (the reference uses 4), got "
+                               f"{self.num_denoising_steps}.")
+        if self.previous_sample not in PREVIOUS_SAMPLES:
+            raise DistillError(f"--previous_sample must be marginal (UFOGen) or posterior (DDGAN/SIDDM), got "
+                               f"{self.previous_sample!r}.")
+        if self.adversarial_weight < 0 or self.reconstruction_weight < 0:
+            raise DistillError(f"--adversarial_weight and --reconstruction_weight must be >= 0, got "
+                               f"{self.adversarial_weight} and {self.reconstruction_weight}.")
+        if self.adversarial_weight == 0 and self.reconstruction_weight == 0:
+            raise DistillError("--adversarial_weight and --reconstruction_weight are both 0: the generator would "
+                               "not train. Keep at least one positive (UFOGen uses 1 and 1).")
+        if self.lora_rank < 1:
+            raise DistillError(f"--lora_rank must be at least 1, got {self.lora_rank}.")
+
+
+def teacher_encoder_features(method: Method, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> list[torch.Tensor]:
+    """Encoder features of the frozen teacher (LoRA disabled), differentiable w.r.t. x (UFOGen sec. 4.2: D from the
+    pre-trained UNet)."""
+    with method.denoiser().as_teacher() as teacher:
+        dtype = teacher.module.dtype
+        return unet_encoder_features(teacher.module, x.to(dtype), t, **cond.to(x.device, dtype).unet_kwargs())
+
+
+class UFOGen(Method):
+    """A LoRA generator x0' = G_theta(x_t, t) trained against teacher-feature discriminator heads."""
+
+    name = "ufogen"
+    Config = UFOGenConfig
+
+    def __init__(self, teacher: Teacher, config: UFOGenConfig):
+        super().__init__(teacher, config)
+        num_train_timesteps = teacher.schedule.num_train_timesteps
+        if config.num_denoising_steps > num_train_timesteps:
+            raise DistillError(f"--num_denoising_steps ({config.num_denoising_steps}) cannot exceed the teacher's "
+                               f"{num_train_timesteps} training timesteps.")
+        self.gap = num_train_timesteps // config.num_denoising_steps
+        self.lora_params = add_lora(teacher.unet, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                                    config.lora_target_modules)
+        self.nets["unet"] = teacher.unet
+        self.nets[DISCRIMINATOR] = DiscriminatorHeads.from_unet_config(teacher.unet.config).to(
+            teacher.unet.device)
+
+    def trainable(self) -> dict[str, list[torch.nn.Parameter]]:
+        return {"unet": self.lora_params, DISCRIMINATOR: list(self.nets[DISCRIMINATOR].parameters())}
+
+    def learning_rate_for(self, name: str, base_learning_rate: float) -> float:
+        return DISCRIMINATOR_LEARNING_RATE if name == DISCRIMINATOR else base_learning_rate
+
+    def sample_timesteps(self, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """t ~ U{1, ..., T-1} and t-1 := max(t - T/K, 0), a large denoising step (UFOGen sec. 4; reference code)."""
+        t = torch.randint(1, self.teacher.schedule.num_train_timesteps, (batch_size,))
+        return t.to(device), (t - self.gap).clamp(min=0).to(device)
+
+    def generate(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The generator's sample x0' = G_theta(x_t, t), read from the UNet's eps/v/x0 output (UFOGen sec. 4.1)."""
+        x0, _ = self.denoiser()(x_t, t, cond)
+        return x0
+
+    def previous_sample(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                        noise: torch.Tensor) -> torch.Tensor:
+        """x_{t-1} ~ q(x_{t-1} | x0) (UFOGen sec. 4.1), or ~ q(x_{t-1} | x_t, x0) (DDGAN; Ho et al. 2020, eq. 6-7)."""
+        if self.config.previous_sample == "marginal":
+            return self.teacher.schedule.add_noise(x0, noise, t_prev)
+        mean, variance = posterior_mean_variance(self.teacher.schedule, x0, x_t.float(), t_prev, t)
+        return mean + variance.sqrt() * noise
+
+    def reconstruction_weight(self, t: torch.Tensor, t_prev: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """gamma_t = (1 - beta_t) abar_{t-1} / (2 beta_t) = abar_t / (2 beta_{t|t-1}) (UFOGen sec. 4.1, app. A.2.2)."""
+        abar_t = self.teacher.schedule.alpha(t, like) ** 2
+        return abar_t / (2 * transition_variance(self.teacher.schedule, t_prev, t, like))
+
+    def chain_timesteps(self, num_steps: int) -> torch.Tensor:
+        """num_steps evenly spaced points, from T-1 down, of the K-point chain t_k = k T/K - 1 (UFOGen sec. 4.1)."""
+        if not 1 <= num_steps <= self.config.num_denoising_steps:
+            raise ValueError(f"num_steps must be in [1, {self.config.num_denoising_steps}], got {num_steps}")
+        chain = ddim_timesteps(self.teacher.schedule.num_train_timesteps, self.config.num_denoising_steps).flip(0)
+        return chain[torch.arange(num_steps) * self.config.num_denoising_steps // num_steps]
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, cond: Cond, timesteps: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """UFOGen sampling: x0' = G(x_t, t), then re-noise x0' to the next t with fresh noise (UFOGen sec. 4.1)."""
+        x = noise
+        for i, t in enumerate(timesteps):
+            x0 = self.generate(x, t.view(1).expand(len(x)).to(x.device), cond)
+            if i + 1 == len(timesteps):
+                return x0
+            fresh = torch.randn(x.shape, generator=generator, dtype=x0.dtype).to(x.device)
+            x = self.teacher.schedule.add_noise(x0, fresh, timesteps[i + 1].view(1).expand(len(x)))
+        return x
+
+    def loss(self, batch: LatentBatch, step: int) -> dict[str, torch.Tensor]:
+        x0 = batch.latents.float()
+        # 1. Sample t and the previous point t-1 = t - T/K of the K-step chain.
+        t, t_prev = self.sample_timesteps(x0.shape[0], x0.device)
+        # 2. Diffuse the clean latents to x_t ~ q(x_t | x0).
+        x_t = self.teacher.schedule.add_noise(x0, torch.randn_like(x0), t)
+        # 3. The generator's clean sample x0' = G_theta(x_t, t).
+        x0_fake = self.generate(x_t, t, batch.cond)
+        # 4. Real x_{t-1} from x0 and fake x'_{t-1} from x0', with independent noise.
+        real = self.previous_sample(x0, x_t, t, t_prev, torch.randn_like(x0))
+        fake = self.previous_sample(x0_fake, x_t, t, t_prev, torch.randn_like(x0))
+        # 5. Discriminator features at t-1 from the frozen teacher's encoder: through the fake for the generator.
+        fake_features = teacher_encoder_features(self, fake, t_prev, batch.cond)
+        with torch.no_grad():
+            real_features = teacher_encoder_features(self, real, t_prev, batch.cond)
+        # 6. Hinge losses: -D(x'_{t-1}) for the generator (heads frozen), D's loss on detached features.
+        adversarial, discriminator = hinge_adversarial_losses(self.nets[DISCRIMINATOR], real_features, fake_features)
+        # 7. Reconstruction gamma_t ||x0' - x0||^2, SIDDM's KL term between q(x_t | x'_{t-1}) and q(x_t | x_{t-1}).
+        gamma = self.reconstruction_weight(t, t_prev, x0)
+        reconstruction = (gamma * (x0_fake - x0).pow(2)).mean()
+        # 8. Generator: lambda_adv * adversarial + lambda_rec * reconstruction; the discriminator trains on its own.
+        generator = self.config.adversarial_weight * adversarial + self.config.reconstruction_weight * reconstruction
+        return {"unet": generator, DISCRIMINATOR: discriminator}
+
+    def export_defaults(self) -> dict:
+        return {
+            "scheduler": "LCMScheduler",
+            "scheduler_config": {
+                "original_inference_steps": self.config.num_denoising_steps,
+                "timestep_scaling": X0_TIMESTEP_SCALING,
+            },
+            "num_inference_steps": 1,
+            "guidance_scale": 1.0,
+        }

@@ -1,0 +1,315 @@
+"""Coupled (initial noise, teacher sample) pairs: a resumable, sharded store and its training dataset.
+
+Rectified Diffusion (Wang et al. 2024, Algorithm 4) retrains a student on pairs (eps, x0_hat) where x0_hat is what
+the teacher's ODE solver makes of the noise eps. ``train_scripts/generate_pairs.py`` writes them here:
+
+    <folder>/pairs.json                     manifest: teacher, sampler settings, sample count, shard size
+    <folder>/shard-00000.safetensors        "noise" [n, C, h, w], "latents" [n, C, h, w]; captions in the metadata
+    ...
+
+Sample ``i`` lives in shard ``i // shard_size``; its noise is drawn from a generator seeded by (seed, i) alone, so a
+run that is interrupted and started again with the same arguments makes exactly the pairs an uninterrupted run makes.
+Shards are written to a temporary file and renamed, so a shard file that exists is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DistillError
+
+MANIFEST = "pairs.json"
+FORMAT_VERSION = 1
+SAMPLER = "DPMSolverMultistepScheduler (dpmsolver++, trailing, final sigma 0)"
+SEED_STRIDE = 2**32  # sample i of seed s uses generator seed s * 2**32 + i: distinct for every (s, i)
+
+
+@dataclass
+class PairManifest:
+    """What a pair folder holds and how it was made (a restart must ask for exactly the same)."""
+
+    teacher: str
+    family: str
+    resolution: int
+    latent_shape: list[int]
+    num_samples: int
+    shard_size: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    sampler: str
+    prompts_source: str
+    num_prompts: int
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_samples / self.shard_size)
+
+    def shard_range(self, shard: int) -> range:
+        """Indices of the samples stored in shard ``shard``."""
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_samples))
+
+
+def shard_path(folder: Path, shard: int) -> Path:
+    return Path(folder) / f"shard-{shard:05d}.safetensors"
+
+
+def sample_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The initial noise eps of sample ``index``: a function of (seed, index) only."""
+    generator = torch.Generator().manual_seed(seed * SEED_STRIDE + index)
+    return torch.randn(shape, generator=generator)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: Path) -> PairManifest:
+    """The manifest of a pair folder, or a DistillError saying what is wrong with the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DistillError(f"The pair folder {folder} does not exist. Write it first with train_scripts/"
+                           "generate_pairs.py --output_dir <folder>, then pass that folder as --pairs_dir.")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise DistillError(f"{folder} is not a pair folder (no {MANIFEST}). Pass the --output_dir of "
+                           "train_scripts/generate_pairs.py as --pairs_dir.")
+    try:
+        manifest = PairManifest(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise DistillError(f"{path} is not a valid pair manifest ({type(error).__name__}). Regenerate the pairs "
+                           "with train_scripts/generate_pairs.py into a new folder.") from None
+    if manifest.format_version != FORMAT_VERSION:
+        raise DistillError(f"{path} has pair format {manifest.format_version}, this version reads {FORMAT_VERSION}. "
+                           "Regenerate the pairs with this version's train_scripts/generate_pairs.py.")
+    return manifest
+
+
+def start_or_resume(folder: Path, manifest: PairManifest) -> list[int]:
+    """Write the manifest (or check it matches the one already there) and return the shards still missing."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / MANIFEST).is_file():
+        existing = read_manifest(folder)
+        changed = [k for k, v in asdict(manifest).items() if getattr(existing, k) != v]
+        if changed:
+            raise DistillError(f"{folder} already holds pairs made with different settings ({', '.join(changed)}). "
+                               "Rerun with the same arguments to resume, or pass a new --output_dir.")
+    else:
+        _atomic_write_text(folder / MANIFEST, json.dumps(asdict(manifest), indent=2) + "\n")
+    for stale in folder.glob("*.tmp"):
+        stale.unlink()  # half-written shards of a killed run
+    return [s for s in range(manifest.num_shards) if not shard_path(folder, s).is_file()]
+
+
+def write_shard(folder: Path, shard: int, noise: torch.Tensor, latents: torch.Tensor, captions: list[str]) -> Path:
+    """Write one complete shard atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    if not len(noise) == len(latents) == len(captions):
+        raise ValueError("noise, latents and captions must have the same length")
+    path = shard_path(folder, shard)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {"noise": noise.float().contiguous().cpu(), "latents": latents.float().contiguous().cpu()}
+    save_file(tensors, tmp, metadata={"captions": json.dumps(captions)})
+    os.replace(tmp, path)
+    return path
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Map-style dataset of {"noise", "latents", "caption"} items read lazily from the shards."""
+
+    def __init__(self, folder: Path, manifest: PairManifest, captions: list[list[str]]):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.captions = captions
+
+    def __len__(self) -> int:
+        return self.manifest.num_samples
+
+    def __getitem__(self, index: int) -> dict:
+        from safetensors import safe_open
+
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        shard, offset = divmod(index, self.manifest.shard_size)
+        with safe_open(shard_path(self.folder, shard), framework="pt") as f:
+            noise = f.get_slice("noise")[offset]
+            latents = f.get_slice("latents")[offset]
+        return {"noise": noise, "latents": latents, "caption": self.captions[shard][offset]}
+
+
+def _check_shard(folder: Path, manifest: PairManifest, shard: int) -> list[str]:
+    """The captions of a complete shard; a DistillError if its contents do not match the manifest."""
+    from safetensors import safe_open
+
+    path = shard_path(folder, shard)
+    expected = (len(manifest.shard_range(shard)), *manifest.latent_shape)
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in ("noise", "latents")}
+            captions = json.loads((f.metadata() or {}).get("captions", "null"))
+    except Exception as error:  # safetensors raises several types for truncated or foreign files
+        raise DistillError(f"{path} is not a readable pair shard ({type(error).__name__}). Delete it and rerun "
+                           "train_scripts/generate_pairs.py with the same arguments to write it again.") from None
+    if any(shape != expected for shape in shapes.values()) or not isinstance(captions, list) \
+            or len(captions) != expected[0]:
+        raise DistillError(f"{path} holds {shapes} with {len(captions or [])} captions, expected {expected}. Delete "
+                           "it and rerun train_scripts/generate_pairs.py with the same arguments to write it again.")
+    return captions
+
+
+def load_pair_dataset(path: str | os.PathLike) -> PairDataset:
+    """Check a pair folder completely (manifest, every shard present and well-formed) and return its dataset."""
+    folder = Path(path).expanduser()
+    manifest = read_manifest(folder)
+    if manifest.num_samples <= 0:
+        raise DistillError(f"{folder} holds no pairs (num_samples = {manifest.num_samples}). Regenerate it with "
+                           "train_scripts/generate_pairs.py and --num_samples >= 1.")
+    missing = [s for s in range(manifest.num_shards) if not shard_path(folder, s).is_file()]
+    if missing:
+        raise DistillError(f"{folder} is incomplete: {len(missing)} of {manifest.num_shards} shards are missing "
+                           f"(first: {shard_path(folder, missing[0]).name}). Rerun train_scripts/generate_pairs.py "
+                           "with the same arguments: it resumes and writes only the missing shards.")
+    captions = [_check_shard(folder, manifest, s) for s in range(manifest.num_shards)]
+    return PairDataset(folder, manifest, captions)
+
+
+def collate_pairs(examples: list[dict]) -> dict:
+    """Batch items: noise and latents [B, C, h, w] float, caption list[str]."""
+    return {
+        "noise": torch.stack([example["noise"] for example in examples]).float(),
+        "latents": torch.stack([example["latents"] for example in examples]).float(),
+        "caption": [example["caption"] for example in examples],
+    }
+
+
+# --------------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class PairGenerationConfig:
+    """Settings of train_scripts/generate_pairs.py (defaults: the Rectified Diffusion reference's generation run)."""
+
+    pretrained_teacher_model: str = ""
+    output_dir: str = ""
+    prompts_file: str | None = None
+    dataset_name: str | None = None
+    train_data_dir: str | None = None
+    caption_column: str = "text"
+    num_samples: int | None = None  # None: one pair per prompt
+    num_inference_steps: int = 25
+    guidance_scale: float = 5.0
+    resolution: int | None = None  # None: the teacher's native resolution
+    seed: int = 0
+    shard_size: int = 256
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if not self.pretrained_teacher_model:
+            raise DistillError("--pretrained_teacher_model is required: a local SD/SDXL folder or a Hub id.")
+        if not self.output_dir:
+            raise DistillError("--output_dir is required: the folder the pair shards are written to (and resumed "
+                               "from); pass it to training as --pairs_dir.")
+        sources = [flag for flag, value in (("--prompts_file", self.prompts_file),
+                                            ("--dataset_name", self.dataset_name),
+                                            ("--train_data_dir", self.train_data_dir)) if value]
+        if len(sources) != 1:
+            raise DistillError(f"Pass exactly one prompt source (got {len(sources)}): --prompts_file (a .txt file, "
+                               "one prompt per line), or --dataset_name / --train_data_dir with --caption_column.")
+        for flag in ("num_inference_steps", "shard_size", "batch_size"):
+            if getattr(self, flag) < 1:
+                raise DistillError(f"--{flag} must be a positive integer, got {getattr(self, flag)}.")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise DistillError(f"--num_samples must be at least 1, got {self.num_samples}.")
+        if self.guidance_scale < 1.0:
+            raise DistillError(f"--guidance_scale must be >= 1 (1 disables guidance), got {self.guidance_scale}.")
+        if self.seed < 0:
+            raise DistillError(f"--seed must be a non-negative integer, got {self.seed}.")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise DistillError(f"--resolution must be a positive multiple of 8, got {self.resolution}.")
+
+    @property
+    def prompts_source(self) -> str:
+        return self.prompts_file or self.dataset_name or self.train_data_dir
+
+
+def latent_shape(info, resolution: int) -> tuple[int, int, int]:
+    """(C, H/f, W/f) of the teacher's latents at ``resolution`` (f: the VAE's downsampling factor), from the configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    channels = UNet2DConditionModel.load_config(info.path, subfolder="unet")["in_channels"]
+    factor = 2 ** (len(AutoencoderKL.load_config(info.path, subfolder="vae")["block_out_channels"]) - 1)
+    return (channels, resolution // factor, resolution // factor)
+
+
+def pair_scheduler(teacher_path: str):
+    """The teacher's solver: multistep DPM-Solver++ (Lu et al. 2022) from t = T - 1 (trailing) down to the clean x0."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_pretrained(teacher_path, subfolder="scheduler",
+                                                       algorithm_type="dpmsolver++", timestep_spacing="trailing",
+                                                       final_sigmas_type="zero")
+
+
+def load_pair_pipeline(info):
+    """The stock SD/SDXL pipeline of the teacher with the pair sampler."""
+    from .conditioning import pipeline_class
+
+    extra = {} if info.is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = pipeline_class(info).from_pretrained(info.path, scheduler=pair_scheduler(info.path), **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def teacher_latents(pipe, noise: torch.Tensor, prompts: list[str], config: PairGenerationConfig, resolution: int):
+    """x0_hat, the teacher's guided ODE solution from the noise eps (Rectified Diffusion, Algorithm 4 input)."""
+    return pipe(prompts, latents=noise, num_inference_steps=config.num_inference_steps,
+                guidance_scale=config.guidance_scale, height=resolution, width=resolution,
+                output_type="latent").images
+
+
+def generate_pairs(config: PairGenerationConfig, show_progress: bool = True) -> Path:
+    """Write (or finish writing) the pair folder ``config.output_dir``; complete shards are never redone."""
+    from tqdm.auto import tqdm
+
+    from .conditioning import inspect_teacher, native_resolution
+    from .data import build_prompt_dataset
+
+    info = inspect_teacher(config.pretrained_teacher_model)
+    prompts = build_prompt_dataset(config.prompts_source, config.caption_column)
+    resolution = config.resolution or native_resolution(info)
+    shape = latent_shape(info, resolution)
+    manifest = PairManifest(
+        teacher=config.pretrained_teacher_model, family=info.family, resolution=resolution, latent_shape=list(shape),
+        num_samples=config.num_samples or len(prompts), shard_size=config.shard_size,
+        num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale, seed=config.seed,
+        sampler=SAMPLER, prompts_source=config.prompts_source, num_prompts=len(prompts))
+    folder = Path(config.output_dir)
+    todo = start_or_resume(folder, manifest)
+    pipe = load_pair_pipeline(info)
+    done = manifest.num_samples - sum(len(manifest.shard_range(s)) for s in todo)
+    with tqdm(total=manifest.num_samples, initial=done, desc="Pairs", disable=not show_progress) as progress:
+        for shard in todo:
+            indices = list(manifest.shard_range(shard))
+            noise_parts, latent_parts = [], []
+            for start in range(0, len(indices), config.batch_size):
+                batch = indices[start:start + config.batch_size]
+                noise = torch.stack([sample_noise(config.seed, i, shape) for i in batch])
+                latents = teacher_latents(pipe, noise, [prompts[i % len(prompts)] for i in batch], config, resolution)
+                noise_parts.append(noise)
+                latent_parts.append(latents.float().cpu())
+                progress.update(len(batch))
+            write_shard(folder, shard, torch.cat(noise_parts), torch.cat(latent_parts),
+                        [prompts[i % len(prompts)] for i in indices])
+    return folder

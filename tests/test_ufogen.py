@@ -1,0 +1,375 @@
+"""UFOGen (diffusion-GAN) with real tiny SD/SDXL teachers, real peft LoRA, the shared discriminator and diffusers.
+
+In-process: the loss recomputed by hand from the paper's algorithm, gradient isolation between the generator's and
+the discriminator's losses, the frozen teacher, the DDPM posterior against diffusers' DDPMScheduler, and the exported
+scheduler against the training generator (1 step: x0' itself; 2 and 4 steps: the re-noising chain). As a user runs
+it: train_scripts/ufogen.py in a subprocess on both tiny teachers, the result loaded in fresh processes outside the
+repository (stock pipeline + LoRA + scheduler, and the self-contained pipeline folder), and bad flags.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, LCMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from conftest import subprocess_env
+from distill.conditioning import TextConditioner, inspect_teacher, native_resolution
+from distill.discriminator import unet_encoder_features
+from distill.errors import DistillError
+from distill.export import student_pipeline, student_scheduler
+from distill.methods import LatentBatch, Teacher, UFOGen, UFOGenConfig
+from distill.schedule import NoiseSchedule, posterior_mean_variance
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train_scripts" / "ufogen.py"
+PROMPT = "a striped picture number 3"
+
+
+@functools.lru_cache(maxsize=None)
+def frozen_text_conditioner(folder: str) -> TextConditioner:
+    """The teacher's frozen text encoders, loaded once per teacher (nothing trains them)."""
+    info = inspect_teacher(folder)
+    return TextConditioner(info, native_resolution(info))
+
+
+def make_method(folder, **config) -> tuple[UFOGen, TextConditioner]:
+    info = inspect_teacher(str(folder))
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    schedule = NoiseSchedule.from_scheduler_config(DDPMScheduler.load_config(folder, subfolder="scheduler"))
+    method = UFOGen(Teacher(unet, schedule, info, (4, 16, 16)), UFOGenConfig(lora_rank=4, **config))
+    return method, frozen_text_conditioner(str(folder))
+
+
+def make_batch(conditioner: TextConditioner, seed: int = 0) -> LatentBatch:
+    torch.manual_seed(seed)
+    prompts = ["a handwritten digit seven", "a red square"]
+    return LatentBatch(torch.randn(2, 4, 16, 16), conditioner.encode(prompts), conditioner.unconditional(2))
+
+
+def move_off_teacher(method: UFOGen) -> None:
+    """Give the LoRA non-zero B matrices so the student differs from the teacher."""
+    torch.manual_seed(1)
+    for name, p in method.nets["unet"].named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+
+
+def ddpm_alphas_cumprod(folder) -> torch.Tensor:
+    """abar_t from diffusers' own DDPMScheduler: the oracle the schedule code is checked against."""
+    return DDPMScheduler.from_config(DDPMScheduler.load_config(folder, subfolder="scheduler")).alphas_cumprod
+
+
+# ------------------------------------------------------------------------------------------ the training objective
+
+
+def test_loss_recomputed_by_hand(teacher):
+    """Both losses from the same random draws, written out from UFOGen's algorithm with diffusers' alphas."""
+    method, conditioner = make_method(teacher, adversarial_weight=0.5, reconstruction_weight=2.0)
+    move_off_teacher(method)
+    batch = make_batch(conditioner)
+    torch.manual_seed(7)
+    losses = method.loss(batch, 0)
+
+    abar = ddpm_alphas_cumprod(teacher)
+    torch.manual_seed(7)
+    t = torch.randint(1, 1000, (2,))
+    t_prev = (t - 250).clamp(min=0)  # K = 4 steps of T / 4
+    x0 = batch.latents
+
+    def bc(values):
+        return values.view(-1, 1, 1, 1)
+
+    x_t = bc(abar[t].sqrt()) * x0 + bc((1 - abar[t]).sqrt()) * torch.randn_like(x0)
+    real_noise, fake_noise = torch.randn_like(x0), torch.randn_like(x0)
+    unet = method.nets["unet"]
+    with torch.no_grad():
+        eps = unet(x_t, t, **batch.cond.unet_kwargs()).sample  # the tiny teachers predict eps
+        x0_fake = (x_t - bc((1 - abar[t]).sqrt()) * eps) / bc(abar[t].sqrt())
+        real = bc(abar[t_prev].sqrt()) * x0 + bc((1 - abar[t_prev]).sqrt()) * real_noise
+        fake = bc(abar[t_prev].sqrt()) * x0_fake + bc((1 - abar[t_prev]).sqrt()) * fake_noise
+        unet.disable_adapters()
+        real_logits = method.nets["discriminator"](unet_encoder_features(unet, real, t_prev,
+                                                                         **batch.cond.unet_kwargs()))
+        fake_logits = method.nets["discriminator"](unet_encoder_features(unet, fake, t_prev,
+                                                                         **batch.cond.unet_kwargs()))
+        unet.enable_adapters()
+    assert len(real_logits) == 3  # two down blocks and the mid block
+    d_loss = sum(torch.relu(1 - r).mean() + torch.relu(1 + f).mean() for r, f in zip(real_logits, fake_logits)) / 3
+    g_adv = -sum(f.mean() for f in fake_logits) / 3
+    gamma = abar[t] / (2 * (1 - abar[t] / abar[t_prev]))  # (1 - beta_t) abar_{t-1} / (2 beta_t)
+    reconstruction = (bc(gamma) * (x0_fake - x0) ** 2).mean()
+    torch.testing.assert_close(losses["discriminator"].detach(), d_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["unet"].detach(), 0.5 * g_adv + 2.0 * reconstruction, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("previous_sample", ["marginal", "posterior"])
+def test_each_loss_reaches_only_its_own_parameters(sd_teacher, previous_sample):
+    """The trainer's order with real backward passes: generator loss first, then the discriminator's."""
+    method, conditioner = make_method(sd_teacher, previous_sample=previous_sample, reconstruction_weight=0.0)
+    move_off_teacher(method)
+    groups = method.trainable()
+    assert list(groups) == ["unet", "discriminator"]
+    lora, heads = groups["unet"], groups["discriminator"]
+    unet = method.nets["unet"]
+    assert all("lora" in n for n, p in unet.named_parameters() if p.requires_grad)
+    assert {id(p) for p in heads} == {id(p) for p in method.nets["discriminator"].parameters()}
+    losses = method.loss(make_batch(conditioner), 0)
+
+    # The adversarial term alone (no reconstruction) reaches the LoRA through the frozen teacher encoder ...
+    losses["unet"].backward()
+    assert sum(p.grad.abs().sum().item() for p in lora if p.grad is not None) > 0
+    # ... but neither the discriminator heads nor the teacher's own weights.
+    assert all(p.grad is None for p in heads)
+    assert all(p.grad is None for n, p in unet.named_parameters() if "lora" not in n)
+    for p in lora:
+        p.grad = None
+    losses["discriminator"].backward()
+    assert all(p.grad is None for p in lora)
+    assert all(p.grad is not None for p in heads) and sum(p.grad.abs().sum().item() for p in heads) > 0
+
+
+def test_training_moves_the_student_and_the_heads_but_not_the_teacher(sd_teacher):
+    method, conditioner = make_method(sd_teacher)
+    batch = make_batch(conditioner)
+    optimizers = {name: torch.optim.AdamW(params, lr=1e-2) for name, params in method.trainable().items()}
+    probe_x, probe_t = torch.randn(2, 4, 16, 16), torch.tensor([999, 400])
+    heads_before = [p.detach().clone() for p in method.trainable()["discriminator"]]
+    with torch.no_grad():
+        with method.denoiser().as_teacher() as teacher:
+            teacher_before, _ = teacher(probe_x, probe_t, batch.cond)
+        student_before = method.generate(probe_x, probe_t, batch.cond)
+    torch.testing.assert_close(student_before, teacher_before)  # LoRA B starts at zero: G starts as the teacher
+
+    for step in range(2):
+        losses = method.loss(batch, step)
+        assert all(loss.ndim == 0 and torch.isfinite(loss) for loss in losses.values())
+        for name, loss in losses.items():
+            loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        with method.denoiser().as_teacher() as teacher:
+            teacher_after, _ = teacher(probe_x, probe_t, batch.cond)
+        student_after = method.generate(probe_x, probe_t, batch.cond)
+    torch.testing.assert_close(teacher_after, teacher_before)
+    assert (student_after - teacher_before).abs().max() > 1e-4
+    assert any(not torch.equal(a, b) for a, b in zip(heads_before, method.trainable()["discriminator"]))
+
+
+# ------------------------------------------------------------------------------------------ the math against oracles
+
+
+def test_posterior_is_diffusers_ddpm_step_over_the_large_gap(sd_teacher):
+    """q(x_{t-1} | x_t, x0) with t-1 = t - T/K: diffusers' DDPMScheduler step (x0 prediction, fixed_small variance)."""
+    method, _ = make_method(sd_teacher, previous_sample="posterior")
+    config = DDPMScheduler.load_config(sd_teacher, subfolder="scheduler")
+    ddpm = DDPMScheduler.from_config(config, prediction_type="sample", clip_sample=False,
+                                     variance_type="fixed_small")
+    chain = method.chain_timesteps(4)
+    ddpm.set_timesteps(timesteps=chain.tolist())
+    torch.manual_seed(0)
+    x0, x_t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    for t, t_prev in zip(chain[:-1], chain[1:]):
+        expected = ddpm.step(x0, int(t), x_t, generator=torch.Generator().manual_seed(3)).prev_sample
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+        ours = method.previous_sample(x0, x_t, t.view(1), t_prev.view(1), noise)
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    # Adjacent steps: Ho et al.'s beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t.
+    _, variance = posterior_mean_variance(method.teacher.schedule, x0, x_t, torch.tensor([0]), torch.tensor([1]))
+    abar = ddpm.alphas_cumprod
+    torch.testing.assert_close(variance.flatten()[0], (1 - abar[0]) / (1 - abar[1]) * ddpm.betas[1])
+
+
+def test_timesteps_are_one_large_step_apart(sd_teacher):
+    method, _ = make_method(sd_teacher, num_denoising_steps=2)
+    torch.manual_seed(0)
+    t, t_prev = method.sample_timesteps(4096, "cpu")
+    assert t.min() >= 1 and t.max() <= 999 and t.max() >= 990
+    torch.testing.assert_close(t_prev, (t - 500).clamp(min=0))
+    assert method.chain_timesteps(2).tolist() == [999, 499] and method.chain_timesteps(1).tolist() == [999]
+
+
+def test_exported_scheduler_samples_the_training_generator(teacher):
+    """The stock pipeline with the exported scheduler returns exactly UFOGen's sample from the same noise: at one step
+    the generator's x0' = G(x_T, T), with 2 and 4 steps the chain that re-noises x0' to the next t with fresh noise."""
+    from diffusers import AutoencoderKL
+
+    method, conditioner = make_method(teacher)
+    move_off_teacher(method)
+    defaults = method.export_defaults()
+    assert defaults["num_inference_steps"] == 1 and defaults["guidance_scale"] == 1.0
+    scheduler = student_scheduler(DDPMScheduler.load_config(teacher, subfolder="scheduler"), defaults)
+    assert isinstance(scheduler, LCMScheduler)
+    vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae")
+    pipe = student_pipeline(method.teacher.info, method.nets["unet"], vae, conditioner, scheduler)
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = conditioner.encode([PROMPT])
+    for steps in (1, 2, 4):
+        scheduler.set_timesteps(steps)
+        assert scheduler.timesteps.tolist() == method.chain_timesteps(steps).tolist()
+        latents = pipe(PROMPT, num_inference_steps=steps, guidance_scale=1.0, height=32, width=32,
+                       latents=noise.clone(), generator=torch.Generator().manual_seed(1), output_type="latent").images
+        expected = method.sample(noise, cond, method.chain_timesteps(steps), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+        if steps == 1:
+            with torch.no_grad():
+                torch.testing.assert_close(latents, method.generate(noise, torch.tensor([999]), cond), rtol=1e-5,
+                                           atol=1e-5)
+
+
+def test_bad_method_config():
+    with pytest.raises(DistillError, match="num_denoising_steps"):
+        UFOGenConfig(num_denoising_steps=0)
+    with pytest.raises(DistillError, match="previous_sample"):
+        UFOGenConfig(previous_sample="ancestral")
+    with pytest.raises(DistillError, match="both 0"):
+        UFOGenConfig(adversarial_weight=0.0, reconstruction_weight=0.0)
+    with pytest.raises(DistillError, match="adversarial_weight"):
+        UFOGenConfig(adversarial_weight=-1.0)
+
+
+# ------------------------------------------------------------------------------------------ as a user runs it
+
+FLAGS = ["--train_batch_size", "2", "--lora_rank", "4", "--seed", "0", "--validation_steps", "0",
+         "--report_to", "none", "--checkpointing_steps", "3", "--max_train_steps", "3", "--learning_rate", "1e-3"]
+
+
+def run(argv: list[str], cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600,
+                          env=subprocess_env(**env), cwd=cwd)
+
+
+def tail(result: subprocess.CompletedProcess, lines: int = 30) -> str:
+    return "\n".join(result.stderr.replace("\r", "\n").splitlines()[-lines:])
+
+
+LOADING = textwrap.dedent("""
+    import json, sys
+    import numpy as np, torch
+    from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    teacher, out, family, prompt, dest = sys.argv[1:6]
+    images = {}
+
+    def sample(pipe, steps, **kwargs):
+        if steps is not None:
+            kwargs["num_inference_steps"] = steps
+        return pipe(prompt, height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="np",
+                    **kwargs).images
+
+    stock = (StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline).from_pretrained(teacher)
+    stock.set_progress_bar_config(disable=True)
+    stock.scheduler = LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    images["teacher_1"] = sample(stock, 1, guidance_scale=1.0)
+    stock.load_lora_weights(out)
+    for steps in (1, 2, 4):
+        images[f"stock_{steps}"] = sample(stock, steps, guidance_scale=1.0)
+    folder = DiffusionPipeline.from_pretrained(out + "/pipeline", trust_remote_code=True)
+    folder.set_progress_bar_config(disable=True)
+    for steps in (None, 1, 2, 4):
+        images[f"folder_{steps}"] = sample(folder, steps)
+    try:
+        sample(folder, 5)
+        too_many = ""
+    except ValueError as error:
+        too_many = str(error)
+    np.savez(dest + "/images.npz", **images)
+    print(json.dumps({
+        "class": type(folder).__name__,
+        "scheduler": type(folder.scheduler).__name__,
+        "default_num_inference_steps": folder.config.default_num_inference_steps,
+        "default_guidance_scale": folder.config.default_guidance_scale,
+        "distill_imported": sorted(m for m in sys.modules if m == "distill" or m.startswith("distill.")),
+        "too_many": too_many,
+    }))
+""")
+
+
+@dataclass
+class UFOGenRun:
+    family: str
+    out: Path
+    train: subprocess.CompletedProcess
+    load: subprocess.CompletedProcess
+    cwd: Path
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def ufogen_run(request, tmp_path_factory, image_folder) -> UFOGenRun:
+    """3 training steps on the tiny teacher, then both exports loaded in a fresh process outside the repository."""
+    family = request.param
+    teacher = request.getfixturevalue(f"{family}_teacher")
+    out = tmp_path_factory.mktemp(f"ufogen-{family}") / "out"
+    train = run([str(SCRIPT), "--pretrained_teacher_model", str(teacher), "--train_data_dir", str(image_folder),
+                 "--output_dir", str(out), *FLAGS])
+    cwd = tmp_path_factory.mktemp(f"ufogen-load-{family}")
+    load = run(["-c", LOADING, str(teacher), str(out), family, PROMPT, str(cwd)], cwd=cwd,
+               HF_MODULES_CACHE=str(cwd / "hf_modules"))
+    return UFOGenRun(family, out, train, load, cwd)
+
+
+def test_command_line_trains_both_networks_and_exports(ufogen_run):
+    assert ufogen_run.train.returncode == 0, tail(ufogen_run.train)
+    out = ufogen_run.out
+    assert "loss/discriminator=" in ufogen_run.train.stderr and "loss/unet=" in ufogen_run.train.stderr
+    checkpoint = out / "checkpoint-3"
+    assert {"unet_trainable.safetensors", "discriminator_trainable.safetensors"} <= {p.name for p in
+                                                                                    checkpoint.iterdir()}
+    heads = load_file(checkpoint / "discriminator_trainable.safetensors")
+    assert heads and all(key.startswith("heads.") for key in heads)
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and all(key.startswith("unet.") and "lora" in key for key in lora)
+    assert any(value.abs().max() > 0 for key, value in lora.items() if "lora_B" in key)  # trained off zero
+    sampling = json.loads((out / "distill_config.json").read_text())["sampling"]
+    assert sampling == {"scheduler": "LCMScheduler", "num_inference_steps": 1, "guidance_scale": 1.0}
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["original_inference_steps"] == 4 and scheduler["timestep_scaling"] == 1e6
+    index = json.loads((out / "pipeline" / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "LCMScheduler"]
+    card = (out / "README.md").read_text()
+    assert "UFOGen" in card and "num_inference_steps=1" in card and "| num_denoising_steps | 4 |" in card
+
+
+def test_students_load_in_a_fresh_process_and_agree(ufogen_run):
+    assert ufogen_run.train.returncode == 0, tail(ufogen_run.train)
+    assert ufogen_run.load.returncode == 0, tail(ufogen_run.load)
+    report = json.loads(ufogen_run.load.stdout.strip().splitlines()[-1])
+    assert report["class"].startswith("FewStep") and report["scheduler"] == "LCMScheduler"
+    assert report["default_num_inference_steps"] == 1 and report["default_guidance_scale"] == 1.0
+    assert report["distill_imported"] == []
+    assert "num_inference_steps" in report["too_many"]  # only the trained K-point chain can be sampled
+    images = np.load(ufogen_run.cwd / "images.npz")
+    for key in images.files:
+        assert images[key].shape == (1, 32, 32, 3) and np.isfinite(images[key]).all(), key
+    # The self-contained folder samples one step by default, and what the stock pipeline + LoRA samples.
+    np.testing.assert_array_equal(images["folder_None"], images["folder_1"])
+    for steps in (1, 2, 4):
+        np.testing.assert_allclose(images[f"folder_{steps}"], images[f"stock_{steps}"], rtol=0, atol=1e-3)
+    assert np.abs(images["stock_1"] - images["teacher_1"]).max() > 1e-3  # the LoRA changed the one-step sample
+    assert np.abs(images["stock_1"] - images["stock_2"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--previous_sample", "ancestral"], "--previous_sample must be marginal"),
+    (["--adversarial_weight", "0", "--reconstruction_weight", "0"], "both 0"),
+])
+def test_bad_flags_exit_2_with_one_error_line(sd_teacher, image_folder, tmp_path, flags, message):
+    result = run([str(SCRIPT), "--pretrained_teacher_model", str(sd_teacher), "--train_data_dir", str(image_folder),
+                  "--output_dir", str(tmp_path / "out"), *flags])
+    assert result.returncode == 2, tail(result)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
