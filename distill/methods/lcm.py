@@ -9,7 +9,7 @@ import torch
 from ..errors import DistillError
 from ..lora import DEFAULT_TARGET_MODULES, add_lora
 from ..losses import distance
-from ..schedule import consistency_boundary_scalings, ddim_timesteps
+from ..schedule import consistency_boundary_scalings, ddim_timesteps, skipping_step_pairs
 from ..solvers import cfg_teacher_ddim_step
 from .base import LatentBatch, Method, Teacher
 
@@ -62,9 +62,8 @@ class LCM(Method):
 
     def sample_timesteps(self, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """t_{n+k} uniform on the skipping-step grid and t_n = t_{n+k} - k, clamped at 0 (LCM sec. 4.3)."""
-        index = torch.randint(0, len(self.grid), (batch_size,))
-        start = self.grid[index]
-        return start.to(device), (start - self.skip).clamp(min=0).to(device)
+        start, prev = skipping_step_pairs(self.grid, self.skip, batch_size)
+        return start.to(device), prev.to(device)
 
     def loss(self, batch: LatentBatch, step: int) -> dict[str, torch.Tensor]:
         latents = batch.latents
