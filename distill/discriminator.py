@@ -8,6 +8,7 @@ consistency loss, Wang et al. 2024; the same construction serves UFOGen-style di
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -44,6 +45,28 @@ def unet_encoder_features(unet: nn.Module, sample: torch.Tensor, timestep: torch
             hidden = unet.mid_block(hidden, emb)
         features.append(hidden)
     return features
+
+
+@contextlib.contextmanager
+def _without_gradient_checkpointing(unet: nn.Module):
+    """Run blocks normally: a checkpointed block would recompute its forward in the backward pass, by then with the
+    student's LoRA adapters switched back on, and so differentiate the wrong function."""
+    flagged = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False)]
+    for module in flagged:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in flagged:
+            module.gradient_checkpointing = True
+
+
+def teacher_features(denoiser, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
+    """Encoder features of the frozen teacher (the student's UNet with LoRA disabled), differentiable w.r.t. ``x``
+    (PCM's adversarial loss and UFOGen's discriminator: both build D on the pre-trained UNet's encoder)."""
+    with denoiser.as_teacher() as teacher, _without_gradient_checkpointing(teacher.module):
+        dtype = teacher.module.dtype
+        return unet_encoder_features(teacher.module, x.to(dtype), t, **cond.to(x.device, dtype).unet_kwargs())
 
 
 def feature_channels(unet_config) -> list[int]:

@@ -14,7 +14,8 @@ from PIL import Image
 from distill.tiny import build_tiny_teacher
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+# One thread per pytest-xdist worker (two workers share the two cores); two when the suite runs in one process.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..discriminator import DiscriminatorHeads, unet_encoder_features
+from ..discriminator import DiscriminatorHeads, teacher_features
 from ..errors import DistillError
 from ..lora import DEFAULT_TARGET_MODULES, add_lora
 from ..losses import distance, hinge_adversarial_losses
@@ -119,12 +119,6 @@ class PCM(Method):
         offset = (torch.rand(edge.shape, device=edge.device) * width).long()
         return (edge + offset).clamp(max=self.teacher.schedule.num_train_timesteps - 1)
 
-    def discriminator_features(self, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
-        """Encoder features of the frozen teacher (LoRA disabled), differentiable with respect to x."""
-        with self.denoiser().as_teacher() as teacher:
-            dtype = teacher.module.dtype
-            return unet_encoder_features(teacher.module, x.to(dtype), t, **cond.to(x.device, dtype).unet_kwargs())
-
     def loss(self, batch: LatentBatch, step: int) -> dict[str, torch.Tensor]:
         latents = batch.latents
         bsz, device = latents.shape[0], latents.device
@@ -151,9 +145,9 @@ class PCM(Method):
         fake = diffuse_between(self.teacher.schedule, prediction, torch.randn_like(prediction), edge, t_adv)
         real = diffuse_between(self.teacher.schedule, target, torch.randn_like(target), edge, t_adv)
         # 9. Teacher encoder features: through the fake sample for the generator, without gradient for the real one.
-        fake_features = self.discriminator_features(fake, t_adv, batch.cond)
+        fake_features = teacher_features(self.denoiser(), fake, t_adv, batch.cond)
         with torch.no_grad():
-            real_features = self.discriminator_features(real, t_adv, batch.cond)
+            real_features = teacher_features(self.denoiser(), real, t_adv, batch.cond)
         # 10. Hinge losses: the generator's -D(x~_{t'}) through frozen heads, and the discriminator's
         #     relu(1 - D(x^_{t'})) + relu(1 + D(x~_{t'})) on detached features.
         generator, discriminator = hinge_adversarial_losses(self.nets[DISCRIMINATOR], real_features, fake_features)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..conditioning import Cond
-from ..discriminator import DiscriminatorHeads, unet_encoder_features
+from ..discriminator import DiscriminatorHeads, teacher_features
 from ..errors import DistillError
 from ..lora import DEFAULT_TARGET_MODULES, add_lora
 from ..losses import hinge_adversarial_losses
@@ -61,14 +61,6 @@ class UFOGenConfig:
                                "not train. Keep at least one positive (UFOGen uses 1 and 1).")
         if self.lora_rank < 1:
             raise DistillError(f"--lora_rank must be at least 1, got {self.lora_rank}.")
-
-
-def teacher_encoder_features(method: Method, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> list[torch.Tensor]:
-    """Encoder features of the frozen teacher (LoRA disabled), differentiable w.r.t. x (UFOGen sec. 4.2: D from the
-    pre-trained UNet)."""
-    with method.denoiser().as_teacher() as teacher:
-        dtype = teacher.module.dtype
-        return unet_encoder_features(teacher.module, x.to(dtype), t, **cond.to(x.device, dtype).unet_kwargs())
 
 
 class UFOGen(Method):
@@ -151,9 +143,9 @@ class UFOGen(Method):
         real = self.previous_sample(x0, x_t, t, t_prev, torch.randn_like(x0))
         fake = self.previous_sample(x0_fake, x_t, t, t_prev, torch.randn_like(x0))
         # 5. Discriminator features at t-1 from the frozen teacher's encoder: through the fake for the generator.
-        fake_features = teacher_encoder_features(self, fake, t_prev, batch.cond)
+        fake_features = teacher_features(self.denoiser(), fake, t_prev, batch.cond)
         with torch.no_grad():
-            real_features = teacher_encoder_features(self, real, t_prev, batch.cond)
+            real_features = teacher_features(self.denoiser(), real, t_prev, batch.cond)
         # 6. Hinge losses: -D(x'_{t-1}) for the generator (heads frozen), D's loss on detached features.
         adversarial, discriminator = hinge_adversarial_losses(self.nets[DISCRIMINATOR], real_features, fake_features)
         # 7. Reconstruction gamma_t ||x0' - x0||^2, SIDDM's KL term between q(x_t | x'_{t-1}) and q(x_t | x_{t-1}).
