@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .conditioning import TeacherInfo, pipeline_class
+from .errors import DistillError
 
 # The layers diffusers' LCM-LoRA scripts adapt: attention, feed-forward, resnet convs, samplers, time embedding.
 DEFAULT_TARGET_MODULES = [
@@ -31,6 +33,26 @@ def add_lora(unet: torch.nn.Module, rank: int = 64, alpha: float | None = None, 
     )
     unet.add_adapter(config, adapter_name=ADAPTER_NAME)
     return [p for p in unet.parameters() if p.requires_grad]
+
+
+@dataclass
+class LoRASettings:
+    """The student's LoRA, with the flags of diffusers' LCM-LoRA scripts; every method's config inherits them."""
+
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+
+    def __post_init__(self):
+        if self.lora_rank < 1:
+            raise DistillError(f"--lora_rank must be at least 1, got {self.lora_rank}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise DistillError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+    def attach_lora(self, unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Freeze ``unet`` and add this LoRA to it; returns the trainable parameters."""
+        return add_lora(unet, self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_target_modules)
 
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:

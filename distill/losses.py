@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .errors import DistillError
 
 
 def distance(prediction: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: float = 0.001) -> torch.Tensor:
@@ -13,6 +17,23 @@ def distance(prediction: torch.Tensor, target: torch.Tensor, loss_type: str, hub
     if loss_type == "huber":
         return (diff.pow(2) + huber_c**2).sqrt().sub(huber_c).mean()
     raise ValueError(f"loss_type must be 'l2' or 'huber', got {loss_type!r}")
+
+
+@dataclass
+class DistanceSettings:
+    """--loss_type and --huber_c, as in diffusers' LCM scripts; configs of methods that use ``distance`` inherit them."""
+
+    loss_type: str = "l2"
+    huber_c: float = 0.001
+
+    def __post_init__(self):
+        if self.loss_type not in ("l2", "huber"):
+            raise DistillError(f"--loss_type must be l2 or huber, got {self.loss_type!r}.")
+        if self.huber_c <= 0:
+            raise DistillError(f"--huber_c must be positive, got {self.huber_c}.")
+        parent = getattr(super(), "__post_init__", None)  # the other settings a config mixes in
+        if parent is not None:
+            parent()
 
 
 def hinge_discriminator_loss(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:

@@ -2,38 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import DistillError
-from ..lora import DEFAULT_TARGET_MODULES, add_lora
-from ..losses import distance
+from ..lora import LoRASettings
+from ..losses import DistanceSettings, distance
 from ..schedule import consistency_boundary_scalings, ddim_timesteps, skipping_step_pairs
 from ..solvers import cfg_teacher_ddim_step
 from .base import LatentBatch, Method, Teacher
 
 
 @dataclass
-class LCMConfig:
+class LCMConfig(DistanceSettings, LoRASettings):
     """Defaults of diffusers' LCM-LoRA scripts (and the LCM paper: N = 50 skipping-step grid, w in [3, 15])."""
 
     w_min: float = 3.0
     w_max: float = 15.0
     num_ddim_timesteps: int = 50
-    loss_type: str = "l2"
-    huber_c: float = 0.001
     timestep_scaling_factor: float = 10.0
-    lora_rank: int = 64
-    lora_alpha: float = 64.0
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 <= self.w_min <= self.w_max:
             raise DistillError(f"Need 0 <= --w_min <= --w_max, got w_min={self.w_min}, w_max={self.w_max}.")
-        if self.loss_type not in ("l2", "huber"):
-            raise DistillError(f"--loss_type must be l2 or huber, got {self.loss_type!r}.")
 
 
 class LCM(Method):
@@ -44,8 +37,7 @@ class LCM(Method):
 
     def __init__(self, teacher: Teacher, config: LCMConfig):
         super().__init__(teacher, config)
-        self.lora_params = add_lora(teacher.unet, config.lora_rank, config.lora_alpha, config.lora_dropout,
-                                    config.lora_target_modules)
+        self.lora_params = config.attach_lora(teacher.unet)
         self.nets["unet"] = teacher.unet
         self.grid = ddim_timesteps(teacher.schedule.num_train_timesteps, config.num_ddim_timesteps)
         self.skip = teacher.schedule.num_train_timesteps // config.num_ddim_timesteps

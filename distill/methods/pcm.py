@@ -9,14 +9,14 @@ discriminator made of the frozen teacher's encoder features and small trainable 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..discriminator import DiscriminatorHeads, teacher_features
 from ..errors import DistillError
-from ..lora import DEFAULT_TARGET_MODULES, add_lora
-from ..losses import distance, hinge_adversarial_losses
+from ..lora import LoRASettings
+from ..losses import DistanceSettings, distance, hinge_adversarial_losses
 from ..schedule import ddim_timesteps, diffuse_between, phase_edges, phase_lower_edge, skipping_step_pairs
 from ..solvers import cfg_teacher_ddim_step, ddim_step, teacher_ddim_step
 from .base import LatentBatch, Method, Teacher
@@ -25,7 +25,7 @@ DISCRIMINATOR = "discriminator"
 
 
 @dataclass
-class PCMConfig:
+class PCMConfig(DistanceSettings, LoRASettings):
     """Defaults of the reference PCM-LoRA training scripts (SD 1.5, 4 phases, N = 50, w in [4, 5], Huber loss).
 
     ``adv_weight`` > 0 adds the adversarial term (the reference uses 0.1 with ``adv_lr`` 1e-5); 0 trains plain PCD.
@@ -38,16 +38,12 @@ class PCMConfig:
     w_min: float = 4.0
     w_max: float = 5.0
     not_apply_cfg_solver: bool = False
-    loss_type: str = "huber"
-    huber_c: float = 0.001
+    loss_type: str = "huber"  # the reference scripts' default
     adv_weight: float = 0.0
     adv_lr: float = 1e-5
-    lora_rank: int = 64
-    lora_alpha: float = 64.0
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_ddim_timesteps < 1:
             raise DistillError(f"--num_ddim_timesteps must be at least 1, got {self.num_ddim_timesteps}.")
         if not 1 <= self.multiphase <= self.num_ddim_timesteps:
@@ -56,16 +52,10 @@ class PCMConfig:
                                "or 8.")
         if not 0 <= self.w_min <= self.w_max:
             raise DistillError(f"Need 0 <= --w_min <= --w_max, got w_min={self.w_min}, w_max={self.w_max}.")
-        if self.loss_type not in ("l2", "huber"):
-            raise DistillError(f"--loss_type must be l2 or huber, got {self.loss_type!r}.")
-        if self.huber_c <= 0:
-            raise DistillError(f"--huber_c must be positive, got {self.huber_c}.")
         if self.adv_weight < 0:
             raise DistillError(f"--adv_weight must be >= 0 (0 turns the adversarial term off), got {self.adv_weight}.")
         if self.adv_lr <= 0:
             raise DistillError(f"--adv_lr must be positive, got {self.adv_lr}.")
-        if self.lora_rank < 1:
-            raise DistillError(f"--lora_rank must be at least 1, got {self.lora_rank}.")
 
 
 class PCM(Method):
@@ -80,8 +70,7 @@ class PCM(Method):
         if config.num_ddim_timesteps > num_train_timesteps:
             raise DistillError(f"--num_ddim_timesteps ({config.num_ddim_timesteps}) cannot exceed the teacher's "
                                f"{num_train_timesteps} training timesteps.")
-        self.lora_params = add_lora(teacher.unet, config.lora_rank, config.lora_alpha, config.lora_dropout,
-                                    config.lora_target_modules)
+        self.lora_params = config.attach_lora(teacher.unet)
         self.nets["unet"] = teacher.unet
         self.grid = ddim_timesteps(num_train_timesteps, config.num_ddim_timesteps)
         self.skip = num_train_timesteps // config.num_ddim_timesteps

@@ -19,14 +19,14 @@ x0 prediction), which is the first-order solver the student was trained to follo
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..denoiser import Denoiser
 from ..errors import DistillError
-from ..lora import DEFAULT_TARGET_MODULES, add_lora
-from ..losses import distance
+from ..lora import LoRASettings
+from ..losses import DistanceSettings, distance
 from ..schedule import ddim_timesteps, phase_edges
 from ..solvers import cfg_teacher_prediction, first_order_transfer, phase_noise
 from .base import LatentBatch, Method, Teacher
@@ -36,25 +36,20 @@ CLEAN = -1  # the timestep index standing for the clean end (alpha = 1, sigma = 
 
 
 @dataclass
-class RectifiedConfig:
+class RectifiedConfig(DistanceSettings, LoRASettings):
     """Defaults of the Rectified Diffusion reference (phased: 40-step DDIM grid in 4 phases, teacher CFG w = 2)."""
 
     rectified_variant: str = "pairs"
     num_ddim_timesteps: int = 40
     num_phases: int = 4
     teacher_guidance_scale: float = 3.0  # phased only; pipeline form, i.e. w = 2 in LCM's (1 + w) cond - w uncond
-    loss_type: str = "l2"
-    huber_c: float = 0.001
     num_inference_steps: int | None = None  # exported default; None: num_phases (phased) or 2 (pairs, consistency)
     full_finetune: bool = False
     use_ema: bool = False
     ema_decay: float = 0.9999
-    lora_rank: int = 64
-    lora_alpha: float = 64.0
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
 
     def __post_init__(self):
+        super().__post_init__()
         if self.rectified_variant not in VARIANTS:
             raise DistillError(f"--rectified_variant must be one of {', '.join(VARIANTS)}, got "
                                f"{self.rectified_variant!r}.")
@@ -68,14 +63,10 @@ class RectifiedConfig:
         if self.teacher_guidance_scale < 1.0:
             raise DistillError(f"--teacher_guidance_scale must be >= 1 (1 disables guidance), got "
                                f"{self.teacher_guidance_scale}.")
-        if self.loss_type not in ("l2", "huber"):
-            raise DistillError(f"--loss_type must be l2 or huber, got {self.loss_type!r}.")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise DistillError(f"--num_inference_steps must be >= 1, got {self.num_inference_steps}.")
         if not 0.0 < self.ema_decay < 1.0:
             raise DistillError(f"--ema_decay must be in (0, 1), got {self.ema_decay}; e.g. 0.9999.")
-        if self.lora_rank < 1:
-            raise DistillError(f"--lora_rank must be >= 1, got {self.lora_rank}.")
 
 
 class RectifiedDiffusion(Method):
@@ -94,8 +85,7 @@ class RectifiedDiffusion(Method):
             self.params = [p for p in teacher.unet.requires_grad_(True).parameters()]
         else:
             self.frozen_teacher = None
-            self.params = add_lora(teacher.unet, config.lora_rank, config.lora_alpha, config.lora_dropout,
-                                   config.lora_target_modules)
+            self.params = config.attach_lora(teacher.unet)
         self.nets["unet"] = teacher.unet
         self.ema = self._make_ema() if config.use_ema else None
         num_train = teacher.schedule.num_train_timesteps

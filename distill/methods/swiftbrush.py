@@ -16,13 +16,13 @@ The student moves its samples along the difference of the two scores (the VSD gr
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..conditioning import Cond
 from ..errors import DistillError
-from ..lora import DEFAULT_TARGET_MODULES, add_lora
+from ..lora import LoRASettings, add_lora
 from ..losses import distance, score_distillation_surrogate
 from ..schedule import NoiseSchedule
 from ..solvers import cfg_teacher_prediction
@@ -36,7 +36,7 @@ DEFAULT_FAKE_LR_RATIO = {True: 1000.0, False: 10.0}
 
 
 @dataclass
-class SwiftBrushConfig:
+class SwiftBrushConfig(LoRASettings):
     """SwiftBrush's settings: real-score CFG 4.5, t ~ U[0.02T, 0.98T], a LoRA fake score with its own learning rate."""
 
     guidance_scale: float = 4.5
@@ -44,15 +44,12 @@ class SwiftBrushConfig:
     max_timestep_ratio: float = 0.98
     weighting: str = "swiftbrush"
     full_finetune: bool = False
-    lora_rank: int = 64
-    lora_alpha: float = 64.0
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     fake_lora_rank: int = 64
     fake_lora_alpha: float = 64.0
     fake_score_lr_ratio: float | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         if self.guidance_scale < 1:
             raise DistillError(f"--guidance_scale must be >= 1 (1 turns guidance off), got {self.guidance_scale}.")
         if not 0 <= self.min_timestep_ratio < self.max_timestep_ratio <= 1:
@@ -105,8 +102,7 @@ class SwiftBrush(Method):
         if config.full_finetune:
             self.student_params = list(teacher.unet.requires_grad_(True).parameters())
         else:
-            self.student_params = add_lora(teacher.unet, config.lora_rank, config.lora_alpha, config.lora_dropout,
-                                           config.lora_target_modules)
+            self.student_params = config.attach_lora(teacher.unet)
         self.nets["unet"] = teacher.unet
         self.nets["fake_score"] = fake_score
         steps = teacher.schedule.num_train_timesteps

@@ -11,14 +11,14 @@ steps x0' is re-noised to the next point of the K-point chain with fresh noise a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..conditioning import Cond
 from ..discriminator import DiscriminatorHeads, teacher_features
 from ..errors import DistillError
-from ..lora import DEFAULT_TARGET_MODULES, add_lora
+from ..lora import LoRASettings
 from ..losses import hinge_adversarial_losses
 from ..schedule import ddim_timesteps, posterior_mean_variance, transition_variance
 from .base import LatentBatch, Method, Teacher
@@ -34,19 +34,16 @@ X0_TIMESTEP_SCALING = 1e6
 
 
 @dataclass
-class UFOGenConfig:
+class UFOGenConfig(LoRASettings):
     """UFOGen's objective with the reference implementation's defaults (K = 4 steps of T / 4, lambda = 1)."""
 
     num_denoising_steps: int = 4
     previous_sample: str = "marginal"
     adversarial_weight: float = 1.0
     reconstruction_weight: float = 1.0
-    lora_rank: int = 64
-    lora_alpha: float = 64.0
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_denoising_steps < 1:
             raise DistillError(f"--num_denoising_steps must be at least 1 (the reference uses 4), got "
                                f"{self.num_denoising_steps}.")
@@ -59,8 +56,6 @@ class UFOGenConfig:
         if self.adversarial_weight == 0 and self.reconstruction_weight == 0:
             raise DistillError("--adversarial_weight and --reconstruction_weight are both 0: the generator would "
                                "not train. Keep at least one positive (UFOGen uses 1 and 1).")
-        if self.lora_rank < 1:
-            raise DistillError(f"--lora_rank must be at least 1, got {self.lora_rank}.")
 
 
 class UFOGen(Method):
@@ -76,8 +71,7 @@ class UFOGen(Method):
             raise DistillError(f"--num_denoising_steps ({config.num_denoising_steps}) cannot exceed the teacher's "
                                f"{num_train_timesteps} training timesteps.")
         self.gap = num_train_timesteps // config.num_denoising_steps
-        self.lora_params = add_lora(teacher.unet, config.lora_rank, config.lora_alpha, config.lora_dropout,
-                                    config.lora_target_modules)
+        self.lora_params = config.attach_lora(teacher.unet)
         self.nets["unet"] = teacher.unet
         self.nets[DISCRIMINATOR] = DiscriminatorHeads.from_unet_config(teacher.unet.config).to(
             teacher.unet.device)
