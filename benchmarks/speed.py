@@ -42,15 +42,21 @@ def measure(method_name: str, teacher: Path, cached: bool, steps: int, batch_siz
     unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet").to(device)
     schedule = NoiseSchedule.from_scheduler_config(DDPMScheduler.load_config(teacher, subfolder="scheduler"))
     method_cls = METHODS[method_name]
-    method = method_cls(Teacher(unet, schedule, info), method_cls.Config(lora_rank=4))
-    optimizers = {k: torch.optim.AdamW(v, lr=1e-4) for k, v in method.trainable().items()}
+    config = method_cls.Config(lora_rank=4)
     vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae").to(device)
+    latent_size = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    method = method_cls(Teacher(unet, schedule, info, (unet.config.in_channels, latent_size, latent_size)), config)
+    optimizers = {k: torch.optim.AdamW(v, lr=1e-4) for k, v in method.trainable().items()}
     encoder = BatchEncoder(vae, TextConditioner(info, resolution).to(device))
-    raw = {"pixel_values": torch.rand(batch_size, 3, resolution, resolution) * 2 - 1,
-           "caption": [f"a handwritten digit {i}" for i in range(batch_size)]}
-    if cached:
+    kind = method_cls.data_kind_for(config)
+    raw = {"caption": [f"a handwritten digit {i}" for i in range(batch_size)]}
+    if kind in ("images", "pairs"):  # pairs: stored latents stand in for the teacher's samples
+        raw["pixel_values"] = torch.rand(batch_size, 3, resolution, resolution) * 2 - 1
+    if kind == "pairs":
+        raw["noise"] = torch.randn(batch_size, unet.config.in_channels, latent_size, latent_size)
+    if cached and kind in ("images", "pairs"):
         batch = encoder(raw, device)
-        raw = {"latents": batch.latents, "prompt_embeds": batch.cond.prompt_embeds,
+        raw = {"latents": batch.latents, "prompt_embeds": batch.cond.prompt_embeds, "noise": batch.noise,
                "pooled_prompt_embeds": batch.cond.pooled_prompt_embeds, "time_ids": batch.cond.time_ids}
         raw = {k: v for k, v in raw.items() if v is not None}
     if device.type == "cuda":

@@ -21,10 +21,11 @@ def load_benchmark(name: str):
     return module
 
 
-@pytest.mark.parametrize("cached", [False, True])
-def test_speed_measure_runs_real_training_steps(sd_teacher, cached):
+@pytest.mark.parametrize("method,cached", [("lcm", False), ("lcm", True), ("pcm", True), ("rectified", True),
+                                           ("swiftbrush", False), ("ufogen", True)])
+def test_speed_measure_runs_real_training_steps(sd_teacher, method, cached):
     speed = load_benchmark("speed")
-    result = speed.measure("lcm", sd_teacher, cached=cached, steps=1, batch_size=2, device=torch.device("cpu"))
+    result = speed.measure(method, sd_teacher, cached=cached, steps=1, batch_size=2, device=torch.device("cpu"))
     assert result["samples_per_s"] > 0 and result["peak_mb"] > 100
 
 
