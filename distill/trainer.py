@@ -541,7 +541,7 @@ class Trainer:
 
     def _flat_config(self) -> dict:
         """Every setting of the run as scalars (for trackers and distill_config.json); never the Hub token."""
-        flat = {**asdict(self.config), **asdict(self.method_config)}
+        flat = {**asdict(self.data_config), **asdict(self.config), **asdict(self.method_config)}
         flat.pop("hub_token", None)
         return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 

@@ -203,6 +203,7 @@ def test_model_card_and_sampling_config(lcm_run):
     assert "| max_train_steps | 8 |" in card and "| lora_rank | 4 |" in card
     config = json.loads((lcm_run.out / "distill_config.json").read_text())
     assert config["sampling"] == {"scheduler": "LCMScheduler", "num_inference_steps": 4, "guidance_scale": 1.0}
+    assert (Path(config["train_data_dir"]) / "metadata.jsonl").is_file()  # the data settings are recorded too
     scheduler = json.loads((lcm_run.out / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "LCMScheduler" and scheduler["original_inference_steps"] == 50
 
