@@ -65,18 +65,21 @@ def plot(results: dict, families: dict[str, str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for family in dict.fromkeys(families.values()):
+    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(12, 5))
+    ordered = list(dict.fromkeys(families.values()))
+    colors = plt.cm.tab20(range(len(ordered)))  # one distinct colour per sampler family (up to 20)
+    for family, color in zip(ordered, colors):
         names = [n for n in results if families[n] == family]
         nfe = [results[n]["nfe"] for n in names]
-        ax_fd.plot(nfe, [results[n]["fd"] for n in names], marker="o", label=family)
-        ax_acc.plot(nfe, [results[n]["accuracy"] for n in names], marker="o", label=family)
+        style = dict(marker="o", color=color, label=family, linestyle="--" if family.startswith("teacher") else "-")
+        ax_fd.plot(nfe, [results[n]["fd"] for n in names], **style)
+        ax_acc.plot(nfe, [results[n]["accuracy"] for n in names], **style)
     for ax, label in ((ax_fd, "Frechet distance to real digits (lower is better)"), (ax_acc, "prompt accuracy")):
         ax.set_xscale("log")
         ax.set_xlabel("UNet evaluations per image (NFE, CFG counts 2 per step)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    ax_fd.legend()
+    ax_fd.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
