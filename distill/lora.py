@@ -54,6 +54,12 @@ class LoRASettings:
         """Freeze ``unet`` and add this LoRA to it; returns the trainable parameters."""
         return add_lora(unet, self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_target_modules)
 
+    def student_parameters(self, unet: torch.nn.Module, full_finetune: bool = False) -> list[torch.nn.Parameter]:
+        """The student's trainable weights: this LoRA on ``unet``, or every weight of ``unet`` when fully fine-tuning."""
+        if full_finetune:
+            return list(unet.requires_grad_(True).parameters())
+        return self.attach_lora(unet)
+
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights with peft's keys (``lora_A``/``lora_B``), which ``load_lora_weights`` reads in full.

@@ -2,11 +2,44 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .conditioning import Cond
 from .denoiser import Denoiser
-from .schedule import NoiseSchedule, alpha_sigma_to_clean
+from .errors import DistillError
+from .schedule import NoiseSchedule, alpha_sigma_to_clean, ddim_timesteps
+
+
+@dataclass
+class CFGSolverSettings:
+    """The CFG-augmented teacher solver of consistency distillation: w ~ U[w_min, w_max] on an N-point DDIM grid
+    (LCM, Luo et al. 2023, sec. 4.2-4.3; PCM reuses it); configs of such methods inherit these flags."""
+
+    w_min: float = 3.0
+    w_max: float = 15.0
+    num_ddim_timesteps: int = 50
+
+    def __post_init__(self):
+        if not 0 <= self.w_min <= self.w_max:
+            raise DistillError(f"Need 0 <= --w_min <= --w_max, got w_min={self.w_min}, w_max={self.w_max}.")
+        if self.num_ddim_timesteps < 1:
+            raise DistillError(f"--num_ddim_timesteps must be at least 1, got {self.num_ddim_timesteps}.")
+        parent = getattr(super(), "__post_init__", None)  # the other settings a config mixes in
+        if parent is not None:
+            parent()
+
+    def skipping_grid(self, num_train_timesteps: int) -> tuple[torch.Tensor, int]:
+        """The DDIM grid t_1..t_N and its skip k = T // N, checked against the teacher's T."""
+        if self.num_ddim_timesteps > num_train_timesteps:
+            raise DistillError(f"--num_ddim_timesteps ({self.num_ddim_timesteps}) cannot exceed the teacher's "
+                               f"{num_train_timesteps} training timesteps.")
+        return ddim_timesteps(num_train_timesteps, self.num_ddim_timesteps), num_train_timesteps // self.num_ddim_timesteps
+
+    def sample_guidance(self, batch_size: int, device) -> torch.Tensor:
+        """One guidance scale w ~ U[w_min, w_max] per example (LCM Algorithm 1, line 4)."""
+        return torch.rand(batch_size, device=device) * (self.w_max - self.w_min) + self.w_min
 
 
 def ddim_step(schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor, t_prev: torch.Tensor) -> torch.Tensor:

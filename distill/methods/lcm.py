@@ -6,27 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DistillError
 from ..lora import LoRASettings
 from ..losses import DistanceSettings, distance
-from ..schedule import consistency_boundary_scalings, ddim_timesteps, skipping_step_pairs
-from ..solvers import cfg_teacher_ddim_step
+from ..schedule import consistency_boundary_scalings, skipping_step_pairs
+from ..solvers import CFGSolverSettings, cfg_teacher_ddim_step
 from .base import LatentBatch, Method, Teacher
 
 
 @dataclass
-class LCMConfig(DistanceSettings, LoRASettings):
+class LCMConfig(CFGSolverSettings, DistanceSettings, LoRASettings):
     """Defaults of diffusers' LCM-LoRA scripts (and the LCM paper: N = 50 skipping-step grid, w in [3, 15])."""
 
-    w_min: float = 3.0
-    w_max: float = 15.0
-    num_ddim_timesteps: int = 50
     timestep_scaling_factor: float = 10.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 <= self.w_min <= self.w_max:
-            raise DistillError(f"Need 0 <= --w_min <= --w_max, got w_min={self.w_min}, w_max={self.w_max}.")
 
 
 class LCM(Method):
@@ -39,8 +30,7 @@ class LCM(Method):
         super().__init__(teacher, config)
         self.lora_params = config.attach_lora(teacher.unet)
         self.nets["unet"] = teacher.unet
-        self.grid = ddim_timesteps(teacher.schedule.num_train_timesteps, config.num_ddim_timesteps)
-        self.skip = teacher.schedule.num_train_timesteps // config.num_ddim_timesteps
+        self.grid, self.skip = config.skipping_grid(teacher.schedule.num_train_timesteps)
 
     def trainable(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"unet": self.lora_params}
@@ -66,7 +56,7 @@ class LCM(Method):
         noise = torch.randn_like(latents)
         x_start = self.teacher.schedule.add_noise(latents, noise, t_start)
         # 3. Sample a guidance scale w ~ U[w_min, w_max] per example.
-        w = torch.rand(bsz, device=device) * (self.config.w_max - self.config.w_min) + self.config.w_min
+        w = self.config.sample_guidance(bsz, device)
         # 4. The student's consistency function at t_{n+k}.
         prediction = self.consistency_function(x_start, t_start, batch.cond)
         with torch.no_grad():

@@ -17,15 +17,15 @@ from ..discriminator import DiscriminatorHeads, teacher_features
 from ..errors import DistillError
 from ..lora import LoRASettings
 from ..losses import DistanceSettings, distance, hinge_adversarial_losses
-from ..schedule import ddim_timesteps, diffuse_between, phase_edges, phase_lower_edge, skipping_step_pairs
-from ..solvers import cfg_teacher_ddim_step, ddim_step, teacher_ddim_step
+from ..schedule import diffuse_between, phase_edges, phase_lower_edge, skipping_step_pairs
+from ..solvers import CFGSolverSettings, cfg_teacher_ddim_step, ddim_step, teacher_ddim_step
 from .base import LatentBatch, Method, Teacher
 
 DISCRIMINATOR = "discriminator"
 
 
 @dataclass
-class PCMConfig(DistanceSettings, LoRASettings):
+class PCMConfig(CFGSolverSettings, DistanceSettings, LoRASettings):
     """Defaults of the reference PCM-LoRA training scripts (SD 1.5, 4 phases, N = 50, w in [4, 5], Huber loss).
 
     ``adv_weight`` > 0 adds the adversarial term (the reference uses 0.1 with ``adv_lr`` 1e-5); 0 trains plain PCD.
@@ -34,7 +34,6 @@ class PCMConfig(DistanceSettings, LoRASettings):
     """
 
     multiphase: int = 4
-    num_ddim_timesteps: int = 50
     w_min: float = 4.0
     w_max: float = 5.0
     not_apply_cfg_solver: bool = False
@@ -44,14 +43,10 @@ class PCMConfig(DistanceSettings, LoRASettings):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_ddim_timesteps < 1:
-            raise DistillError(f"--num_ddim_timesteps must be at least 1, got {self.num_ddim_timesteps}.")
         if not 1 <= self.multiphase <= self.num_ddim_timesteps:
             raise DistillError(f"--multiphase must be between 1 and --num_ddim_timesteps ({self.num_ddim_timesteps}) "
                                f"so every phase holds a DDIM step, got {self.multiphase}; the reference uses 1, 2, 4 "
                                "or 8.")
-        if not 0 <= self.w_min <= self.w_max:
-            raise DistillError(f"Need 0 <= --w_min <= --w_max, got w_min={self.w_min}, w_max={self.w_max}.")
         if self.adv_weight < 0:
             raise DistillError(f"--adv_weight must be >= 0 (0 turns the adversarial term off), got {self.adv_weight}.")
         if self.adv_lr <= 0:
@@ -67,13 +62,9 @@ class PCM(Method):
     def __init__(self, teacher: Teacher, config: PCMConfig):
         super().__init__(teacher, config)
         num_train_timesteps = teacher.schedule.num_train_timesteps
-        if config.num_ddim_timesteps > num_train_timesteps:
-            raise DistillError(f"--num_ddim_timesteps ({config.num_ddim_timesteps}) cannot exceed the teacher's "
-                               f"{num_train_timesteps} training timesteps.")
+        self.grid, self.skip = config.skipping_grid(num_train_timesteps)
         self.lora_params = config.attach_lora(teacher.unet)
         self.nets["unet"] = teacher.unet
-        self.grid = ddim_timesteps(num_train_timesteps, config.num_ddim_timesteps)
-        self.skip = num_train_timesteps // config.num_ddim_timesteps
         self.edges = phase_edges(num_train_timesteps, config.num_ddim_timesteps, config.multiphase)
         if config.adv_weight > 0:
             self.nets[DISCRIMINATOR] = DiscriminatorHeads.from_unet_config(teacher.unet.config)
@@ -117,7 +108,7 @@ class PCM(Method):
         # 2. Diffuse the clean latents to x_{t_{n+k}} ~ N(alpha z, sigma^2 I).
         x_start = self.teacher.schedule.add_noise(latents, torch.randn_like(latents), t_start)
         # 3. Sample a guidance scale w ~ U[w_min, w_max] per example.
-        w = torch.rand(bsz, device=device) * (self.config.w_max - self.config.w_min) + self.config.w_min
+        w = self.config.sample_guidance(bsz, device)
         # 4. The student's end of the pair: x~_{s_m} = f^m_theta(x_{t_{n+k}}, t_{n+k}).
         prediction = self.consistency_function(x_start, t_start, edge, batch.cond)
         with torch.no_grad():

@@ -78,14 +78,10 @@ class RectifiedDiffusion(Method):
 
     def __init__(self, teacher: Teacher, config: RectifiedConfig):
         super().__init__(teacher, config)
-        if config.full_finetune:
-            # The phased variant needs the teacher while the UNet trains: keep a frozen copy.
-            self.frozen_teacher = (copy.deepcopy(teacher.unet).requires_grad_(False).eval()
-                                   if config.rectified_variant == "phased" else None)
-            self.params = [p for p in teacher.unet.requires_grad_(True).parameters()]
-        else:
-            self.frozen_teacher = None
-            self.params = config.attach_lora(teacher.unet)
+        # The phased variant needs the teacher while a fully fine-tuned UNet trains: keep a frozen copy.
+        self.frozen_teacher = (copy.deepcopy(teacher.unet).requires_grad_(False).eval()
+                               if config.full_finetune and config.rectified_variant == "phased" else None)
+        self.params = config.student_parameters(teacher.unet, config.full_finetune)
         self.nets["unet"] = teacher.unet
         self.ema = self._make_ema() if config.use_ema else None
         num_train = teacher.schedule.num_train_timesteps

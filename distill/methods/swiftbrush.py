@@ -99,10 +99,7 @@ class SwiftBrush(Method):
         self.fake_params = add_lora(fake_score, config.fake_lora_rank, config.fake_lora_alpha, 0.0,
                                     config.lora_target_modules)
         # theta <- psi: a LoRA whose B starts at zero, or every weight of the teacher's UNet.
-        if config.full_finetune:
-            self.student_params = list(teacher.unet.requires_grad_(True).parameters())
-        else:
-            self.student_params = config.attach_lora(teacher.unet)
+        self.student_params = config.student_parameters(teacher.unet, config.full_finetune)
         self.nets["unet"] = teacher.unet
         self.nets["fake_score"] = fake_score
         steps = teacher.schedule.num_train_timesteps
