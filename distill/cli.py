@@ -5,52 +5,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 import typing
 
 from .data import ImageDataConfig
 from .errors import DistillError
 from .methods import get_method
+from .stop_signals import TrainingStopped
 from .trainer import Trainer, TrainConfig
 
+# Each flag's help is its dataclass field's metadata["help"] (metadata["help_off"] for the --no_X flag of a boolean
+# that defaults to True); HELP covers the fields declared without one (CFGSolverSettings in distill/solvers.py).
 HELP = {
-    "pretrained_teacher_model": "Teacher: a local SD 1.x/2.x or SDXL diffusers folder, or a Hub id.",
-    "dataset_name": "A Hugging Face datasets name, or a folder written by Dataset.save_to_disk.",
-    "train_data_dir": "A local folder of images with metadata.jsonl, or webdataset .tar shards.",
-    "resolution": "Training resolution; default: the teacher's native size (512 for SD 1.x, 1024 for SDXL).",
     "w_min": "Minimum guidance scale w sampled for the CFG-augmented teacher ((1+w) cond - w uncond).",
     "w_max": "Maximum guidance scale w sampled for the CFG-augmented teacher.",
-    "num_ddim_timesteps": "N, the number of points on the teacher's DDIM skipping-step grid.",
-    "loss_type": "Distance between student and target: l2 or huber (pseudo-Huber).",
-    "proportion_empty_prompts": "Fraction of captions replaced by the empty prompt.",
-    "resume_from_checkpoint": "'latest' or a checkpoint-N folder to resume from.",
-    "checkpoints_total_limit": "Keep at most this many checkpoints (oldest removed first).",
-    "cache_latents": "Encode the dataset with the VAE and text encoders once and train from the cache.",
-    "learning_rates": "Per-optimizer learning rates, e.g. --learning_rates fake_score=1e-3.",
-    "export_pipeline": "Also write a self-contained pipeline folder (output_dir/pipeline).",
-    "lora_target_modules": "Comma-separated module names to adapt (default: diffusers' LCM-LoRA list).",
-    "rectified_variant": "pairs (Algorithm 4, needs --pairs_dir), phased (online teacher inside --num_phases "
-                         "phases, image data) or consistency (consistency distillation along each pair's line).",
-    "num_phases": "Phases M of the phased variant; --num_ddim_timesteps must be a multiple.",
-    "teacher_guidance_scale": "CFG scale (pipeline form) of the online teacher.",
-    "full_finetune": "Train the whole UNet instead of a LoRA.",
-    "use_ema": "Keep and export an EMA of the trained weights (diffusers EMAModel).",
-    "ema_decay": "Decay of the EMA of the trained weights.",
-    "pairs_dir": "Folder of teacher (noise, latent) pairs written by train_scripts/generate_pairs.py.",
-    "prompts_file": "Prompt-only methods: a .txt file with one prompt per line.",
-    "num_inference_steps": "Default number of steps of the exported sampler.",
-    "guidance_scale": "CFG scale w of the real (teacher) score, eps_u + w (eps_c - eps_u).",
-    "min_timestep_ratio": "Score-distillation timesteps t ~ U[min_timestep_ratio T, max_timestep_ratio T].",
-    "max_timestep_ratio": "Upper end of the score-distillation timestep range, as a fraction of T.",
-    "weighting": "swiftbrush (sigma_t^2) or dmd (normalised x0-space) weighting of the VSD gradient.",
-    "fake_lora_rank": "LoRA rank of the fake score.",
-    "fake_lora_alpha": "LoRA alpha of the fake score.",
-    "fake_score_lr_ratio": "Fake-score learning rate = --learning_rate x this ratio.",
-    "export_format": "diffusers, or kohya to also write pytorch_lora_weights_kohya.safetensors (ComfyUI/A1111).",
-    "push_to_hub": "Upload the student (weights, scheduler/, model card, samples.png) to --hub_model_id.",
-    "hub_model_id": "The Hub model repo to create or update, e.g. user/lcm-lora-sdxl.",
-    "hub_include_pipeline": "With --push_to_hub, also upload the self-contained pipeline/ folder.",
-    "hub_private_repo": "With --push_to_hub, create the repo as private.",
+    "num_ddim_timesteps": "N, the number of points on the teacher's DDIM skipping-step grid (at most the teacher's "
+                          "training timesteps).",
 }
 # Flags of diffusers' scripts that this toolkit accepts under the same name but handles elsewhere or ignores.
 ALIASES = {"train_shards_path_or_url": "train_data_dir"}
@@ -79,8 +50,23 @@ def _parse_mapping(text: str) -> dict:
     return {k: float(v) for k, v in pairs}
 
 
+def field_help(f: dataclasses.Field, off: bool = False) -> str:
+    """The help of a field's flag (``off``: of the --no_X flag that turns a default-True boolean off)."""
+    text = f.metadata.get("help") or HELP.get(f.name, "")  # tests/test_cli_help.py checks that none is missing
+    if off:
+        return f.metadata.get("help_off") or f"Turn this off (it is on by default): {text}"
+    return text
+
+
+def with_default(text: str, default) -> str:
+    """``text (default: value)``, unless the default is empty or unset and ``text`` already says what it means."""
+    if default == "" or (default is None and "default" in text):
+        return text
+    return f"{text} (default: {default})"
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, seen: set[str]) -> None:
-    """One --flag per dataclass field (booleans become store_true, lists comma-separated)."""
+    """One --flag per dataclass field, its help from the field (booleans become store_true, lists comma-separated)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in seen:
@@ -88,12 +74,12 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, seen: set[str]) ->
         seen.add(f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind, item = _base_type(hints[f.name])
-        help_text = HELP.get(f.name, "") + f" (default: {default})"
+        help_text = with_default(field_help(f), default)
         flag = f"--{f.name}"
         if kind is bool and default is False:
-            parser.add_argument(flag, action="store_true", help=help_text)
+            parser.add_argument(flag, action="store_true", help=field_help(f))
         elif kind is bool:
-            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=help_text)
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=field_help(f, off=True))
         elif kind is list:
             parser.add_argument(flag, type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                                 default=None, help=help_text)
@@ -144,4 +130,9 @@ def main(method_name: str, argv: list[str] | None = None) -> int:
     except DistillError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:  # its one line (checkpoint and resume command) is already printed
+        return stopped.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the trainer's own handler was installed: nothing to save yet
+        print("Interrupted before training started; nothing was written.", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0

@@ -2,7 +2,9 @@
 
 Every source is checked completely when the dataset is built, so a bad path, column, caption or
 image file stops the run with one :class:`DistillError` before any model is loaded. Items follow
-the preprocessing of diffusers' ``train_lcm_distill_lora_sdxl.py``: convert to RGB, resize the
+the preprocessing of diffusers' ``train_lcm_distill_lora_sdxl.py``: convert to RGB (:func:`to_rgb`, the
+one place every PIL mode becomes 8-bit RGB: 16-bit and float samples are rescaled, transparency is
+composited on white, modes without a faithful conversion are refused), resize the
 short side to the target resolution, optionally flip horizontally, crop (center or random) and
 scale to [-1, 1], keeping SDXL's micro-conditioning (size before resizing, crop offset after).
 """
@@ -16,7 +18,7 @@ import os
 import random
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,26 +47,45 @@ INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 MAX_LISTED = 5
+# PIL modes to_rgb converts; "F" (float) and the integer modes "I;16*" / "I" are rescaled to 8 bits first.
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+DIRECT_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV") + ALPHA_MODES
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 258, 339, 2
 
 
 @dataclass
 class ImageDataConfig:
     """Where the training data come from (image-caption pairs, prompts or noise-latent pairs) and how images are prepared."""
 
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    train_data_dir: str | None = None
-    prompts_file: str | None = None  # prompt-only methods: a .txt file, one prompt per line
-    pairs_dir: str | None = None  # pair-trained methods: the folder train_scripts/generate_pairs.py wrote
-    image_column: str = "image"
-    caption_column: str = "text"
-    resolution: int = 1024
-    center_crop: bool = False
-    random_flip: bool = False
-    interpolation_type: str = "bilinear"
-    max_train_samples: int | None = None
-    cache_dir: str | None = None
-    seed: int | None = None
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "A Hugging Face datasets name, or a folder written by Dataset.save_to_disk."})
+    dataset_config_name: str | None = field(default=None, metadata={
+        "help": "The configuration (subset) of --dataset_name, if it has several."})
+    train_data_dir: str | None = field(default=None, metadata={
+        "help": "A local folder of images with metadata.jsonl, or webdataset .tar shards."})
+    prompts_file: str | None = field(default=None, metadata={  # prompt-only methods
+        "help": "Prompt-only methods: a .txt file with one prompt per line."})
+    pairs_dir: str | None = field(default=None, metadata={  # pair-trained methods
+        "help": "Folder of teacher (noise, latent) pairs written by train_scripts/generate_pairs.py."})
+    image_column: str = field(default="image", metadata={
+        "help": "Column of --dataset_name holding the images."})
+    caption_column: str = field(default="text", metadata={
+        "help": "Column (or metadata.jsonl key) holding the captions."})
+    resolution: int = field(default=1024, metadata={
+        "help": "Training resolution, a multiple of 8."})
+    center_crop: bool = field(default=False, metadata={
+        "help": "Crop the centre of each resized image instead of a random square."})
+    random_flip: bool = field(default=False, metadata={
+        "help": "Flip images horizontally at random."})
+    interpolation_type: str = field(default="bilinear", metadata={
+        "help": "Resampling filter for resizing: " + ", ".join(INTERPOLATIONS) + "."})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Train on a random (seeded) subset of this many samples."})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "Cache folder for Hub datasets (default: the Hugging Face cache)."})
+    seed: int | None = field(default=None, metadata={
+        "help": "Seed of the --max_train_samples subset and of random crops and flips."})
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -140,24 +161,127 @@ def _check_config(config: ImageDataConfig) -> None:
 # --------------------------------------------------------------------------- images and captions
 
 
-def _verify_image_file(path: Path) -> str | None:
-    """None if PIL can open and verify the file, else the reason it cannot."""
+def _integer_depth(image: Image.Image) -> tuple[int | None, bool]:
+    """(bits per sample as stored in the file, signed) of an integer-mode image; bits None when unknown."""
+    if image.format == "TIFF" and hasattr(image, "tag_v2"):
+        bits, sample_format = image.tag_v2.get(TIFF_BITS_PER_SAMPLE, 16), image.tag_v2.get(TIFF_SAMPLE_FORMAT, 1)
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+        return int(bits), int(sample_format) == TIFF_SIGNED_INTEGER
+    if image.mode in SIXTEEN_BIT_MODES or image.format == "PNG":  # PNG integer samples are 16-bit unsigned
+        return 16, False
+    return None, False
+
+
+def _integer_problem(image: Image.Image) -> str | None:
+    """Why an integer-mode image's samples have no faithful mapping to 0..255, or None."""
+    bits, signed = _integer_depth(image)
+    if signed:
+        return "signed integer samples, which have no standard mapping to 0..255"
+    if bits is None or bits < 1:
+        return "integer samples of unknown bit depth"
+    if bits > 16:
+        return f"{bits}-bit integer samples, whose real range is unknown"
+    return None
+
+
+def _mode_problem(image: Image.Image) -> str | None:
+    """Why an image's mode has no faithful 8-bit RGB conversion (from its header only), or None."""
+    if image.mode in DIRECT_MODES or image.mode == "F":
+        return None
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        reason = _integer_problem(image)
+    else:
+        reason = "a pixel format with no conversion to RGB"
+    return None if reason is None else f"PIL mode {image.mode!r} ({reason})"
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    """True if the image has an alpha channel or a transparent colour (palette entry or colour key)."""
+    return image.mode in ALPHA_MODES or "transparency" in image.info
+
+
+def _unconvertible(origin: str, problem: str) -> DistillError:
+    """The error for an image whose mode or values have no faithful 8-bit RGB conversion."""
+    return DistillError(
+        f"Cannot convert the image {origin} to 8-bit RGB faithfully: it has {problem}. Save it as 8-bit RGB or "
+        "16-bit grayscale PNG yourself, choosing how its values map to 0..255, or remove that sample."
+    )
+
+
+def _float_problem(values: np.ndarray) -> str | None:
+    """Why float ("F") samples have no faithful 0..255 mapping: only 0..1 (scaled x255) and 0..255 (kept) have one."""
+    if not np.isfinite(values).all():
+        return "PIL mode 'F' (float samples that are NaN or infinite)"
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > 255:
+        return f"PIL mode 'F' (float samples from {low:g} to {high:g}, outside 0..1 and 0..255)"
+    return None
+
+
+def _deep_to_8bit(image: Image.Image, origin: str) -> Image.Image:
+    """An integer ("I;16*", "I") or float ("F") image as 8-bit "L" (or "LA" when it has a transparent colour key)."""
+    samples = np.asarray(image)
+    values = samples.astype(np.float64)
+    if image.mode == "F":
+        problem = _float_problem(values)
+        if problem is not None:
+            raise _unconvertible(origin, problem)
+        values *= 255.0 if values.max() <= 1 else 1.0  # 0..1 floats; 0..255 floats stay as they are
+    else:
+        values *= 255.0 / (2 ** _integer_depth(image)[0] - 1)
+    gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    key = image.info.get("transparency")
+    if image.mode != "F" and isinstance(key, int):
+        alpha = np.where(samples == key, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([gray, alpha], axis=-1), "LA")
+    return Image.fromarray(gray, "L")
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """An RGBA image alpha-composited on an opaque white background, as RGB."""
+    background = Image.new("RGB", image.size, (255, 255, 255))
+    background.paste(image.convert("RGB"), mask=image.getchannel("A"))
+    return background
+
+
+def to_rgb(image: Image.Image, origin: str) -> Image.Image:
+    """Any PIL image as 8-bit RGB: deep samples scaled by their bit depth, transparency composited on white."""
+    problem = _mode_problem(image)
+    if problem is not None:
+        raise _unconvertible(origin, problem)
+    if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        image = _deep_to_8bit(image, origin)
+    if image.mode == "La":  # premultiplied alpha: PIL converts it onwards only through LA
+        image = image.convert("LA")
+    if _has_transparency(image):
+        return _on_white(image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def _inspect_image(file: Path | io.BytesIO) -> tuple[str | None, str | None, bool]:
+    """(why PIL cannot read it, why it has no faithful RGB conversion, whether it has transparency) of an image file."""
     try:
-        with Image.open(path) as image:
-            image.verify()
+        with Image.open(file) as image:
+            problem, transparent = _mode_problem(image), _has_transparency(image)
+            if image.mode == "F":  # rare; whether float samples map to 0..255 depends on their values
+                problem = _float_problem(np.asarray(image, dtype=np.float64))
+            else:
+                image.verify()
     except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        return _describe(exc)
-    return None
+        return _describe(exc), None, False
+    return None, problem, transparent
 
 
-def _verify_image_bytes(data: bytes) -> str | None:
-    """None if PIL can open and verify the encoded image, else the reason it cannot."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-    except Exception as exc:
-        return _describe(exc)
-    return None
+def _warn_transparency(source, images: str) -> None:
+    """Log, once per source, that its images with transparency are composited on white."""
+    if source.transparency_warned:
+        return
+    source.transparency_warned = True
+    logger.warning(
+        "%s transparency (an alpha channel or a transparent colour): transparent pixels are composited on a white "
+        "background.", images,
+    )
 
 
 def _to_pil(value: Any, column: str) -> Image.Image:
@@ -350,8 +474,26 @@ def _resolve_files(folder: Path, records: list[tuple[int, dict]]) -> list[Path]:
     return paths
 
 
+def _warn_duplicate_files(records: list[tuple[int, dict]], path: Path) -> None:
+    """Log once if metadata.jsonl lists the same file_name on several lines (each line is one more sample)."""
+    counts: dict[str, int] = {}
+    for _number, record in records:
+        name = os.path.normpath(str(record["file_name"]))
+        counts[name] = counts.get(name, 0) + 1
+    repeated = {name: count for name, count in counts.items() if count > 1}
+    if repeated:
+        examples = [f"{name} x{count}" for name, count in repeated.items()]
+        logger.warning(
+            "%s lists %d file_name(s) on more than one line (%d extra rows: %s); each line is a separate sample, so "
+            "those images are seen more often. Remove the duplicate lines unless that is intended.",
+            path, len(repeated), sum(repeated.values()) - len(repeated), _listing(examples, 2),
+        )
+
+
 class FolderSource:
     """Images listed in a folder's metadata.jsonl, with their captions."""
+
+    transparency_warned = False
 
     def __init__(self, folder: Path, paths: list[Path], captions: list[Any]):
         self.name = str(folder)
@@ -370,6 +512,7 @@ class FolderSource:
         _check_folder_image_column(image_column, records)
         _check_metadata_columns(records, folder / METADATA_FILE, caption_column)
         paths = _resolve_files(folder, records)
+        _warn_duplicate_files(records, folder / METADATA_FILE)
         return cls(folder, paths, [record[caption_column] for _number, record in records])
 
     def __len__(self) -> int:
@@ -384,19 +527,32 @@ class FolderSource:
         return Image.open(self.paths[index]), self.captions[index]
 
     def verify(self, indices) -> None:
-        """Open and verify every selected image file (header + PIL verify)."""
+        """Open and verify every selected image file (header + PIL verify) and check its mode converts to RGB."""
         if len(indices) > 1000:
             logger.info("Verifying %d images in %s", len(indices), self.name)
-        broken = []
+        broken, unconvertible, transparent = [], [], []
         for index in indices:
-            reason = _verify_image_file(self.paths[index])
+            reason, problem, has_transparency = _inspect_image(self.paths[index])
             if reason is not None:
                 broken.append(f"{self.paths[index]} ({reason})")
+            elif problem is not None:
+                unconvertible.append(f"{self.paths[index]} ({problem})")
+            elif has_transparency:
+                transparent.append(self.paths[index].name)
         if broken:
             raise DistillError(
                 f"{len(broken)} image file(s) in {self.name} cannot be read: {_listing(broken)}. Replace or delete "
                 "them and remove their lines from metadata.jsonl."
             )
+        if unconvertible:
+            raise DistillError(
+                f"{len(unconvertible)} image file(s) in {self.name} cannot be converted to 8-bit RGB faithfully: "
+                f"{_listing(unconvertible)}. Save them as 8-bit RGB or 16-bit grayscale PNG yourself, choosing how "
+                "their values map to 0..255, or delete them and remove their lines from metadata.jsonl."
+            )
+        if transparent:
+            examples = _listing(transparent, 2)
+            _warn_transparency(self, f"{len(transparent)} of {len(indices)} images in {self.name} ({examples}) have")
 
 
 # --------------------------------------------------------------------------- webdataset shard source
@@ -546,19 +702,23 @@ def _index_shard(shard: Path, caption_column: str) -> list[tuple[ShardImage, Any
 
 
 def _verify_first_image(shard: Path, samples: list[tuple[ShardImage, Any]]) -> None:
-    """Decode-check the first image of a shard (cheap guard against wrong formats)."""
+    """Decode-check the first image of a shard (cheap guard against wrong formats and modes)."""
     if not samples:
         return
     image = samples[0][0]
-    reason = _verify_image_bytes(image.read())
+    reason, problem, _transparent = _inspect_image(io.BytesIO(image.read()))
     if reason is not None:
         raise DistillError(
             f"The image {shard}:{image.name} cannot be read ({reason}). Re-create that shard or remove it."
         )
+    if problem is not None:
+        raise _unconvertible(f"{shard}:{image.name}", problem)
 
 
 class ShardSource:
     """Image-caption samples of webdataset tar shards, indexed up front for random access."""
+
+    transparency_warned = False
 
     def __init__(self, name: str, samples: list[tuple[ShardImage, Any]]):
         self.name = name
@@ -709,6 +869,8 @@ def _require_column(dataset, column: str, flag: str, role: str, name: str) -> No
 class HFSource:
     """Rows of a datasets.Dataset with an image column and a caption column."""
 
+    transparency_warned = False
+
     def __init__(self, name: str, dataset, image_column: str, caption_column: str):
         self.name = name
         self.dataset = dataset
@@ -749,7 +911,9 @@ def _decode_row(source, index: int) -> tuple[Image.Image, Any]:
     """(RGB image, caption cell) of a source row; unreadable images become a DistillError naming the row."""
     try:
         image, caption = source.load(index)
-        return image.convert("RGB"), caption
+        if _has_transparency(image):
+            _warn_transparency(source, f"Images of {source.name} (first: {source.origin(index)}) have")
+        return to_rgb(image, source.origin(index)), caption
     except DistillError:
         raise
     except Exception as exc:
@@ -937,8 +1101,11 @@ def build_prompt_training_set(config: ImageDataConfig) -> PromptDataset:
     return PromptDataset(prompts)
 
 
-def build_training_set(kind: str, config: ImageDataConfig):
-    """(dataset, collate_fn) for a method's data kind: "images", "prompts" or "pairs"."""
+def build_training_set(kind: str, config: ImageDataConfig, teacher=None):
+    """(dataset, collate_fn) for a method's data kind: "images", "prompts" or "pairs".
+
+    ``teacher`` (the run's TeacherInfo): pairs must come from it at ``config.resolution``'s latent shape.
+    """
     if kind == "images":
         return build_image_caption_dataset(config), collate_image_caption
     if kind == "prompts":
@@ -949,5 +1116,6 @@ def build_training_set(kind: str, config: ImageDataConfig):
         if not config.pairs_dir:
             raise DistillError("This method trains on teacher noise-latent pairs: pass --pairs_dir, the folder "
                                "written by train_scripts/generate_pairs.py.")
-        return load_pair_dataset(config.pairs_dir), collate_pairs
+        resolution = config.resolution if teacher is not None else None
+        return load_pair_dataset(config.pairs_dir, teacher, resolution), collate_pairs
     raise ValueError(f"Unknown data kind {kind!r}")

@@ -61,8 +61,13 @@ def load_student_pipeline(teacher: Path, student_folder: Path):
     if (student_folder / "pipeline" / "model_index.json").is_file():
         pipe = diffusers.DiffusionPipeline.from_pretrained(student_folder / "pipeline", trust_remote_code=True)
     else:
+        from .conditioning import inspect_teacher, pipeline_class
+        from .lora import check_lora_base
+
+        info = inspect_teacher(str(teacher))
+        check_lora_base(student_folder, info)  # an SD LoRA onto an SDXL base (or back): one clear error
         sampling = json.loads((student_folder / "distill_config.json").read_text())["sampling"]
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(teacher)
+        pipe = pipeline_class(info).from_pretrained(teacher)
         pipe.scheduler = getattr(diffusers, sampling["scheduler"]).from_pretrained(student_folder,
                                                                                   subfolder="scheduler")
         pipe.load_lora_weights(student_folder)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .conditioning import TeacherInfo, TextConditioner, pipeline_class
-from .lora import KOHYA_WEIGHT_NAME, save_lora
+from .lora import KOHYA_WEIGHT_NAME, check_lora_base, save_lora
 
 PIPELINE_MODULE = "pipeline_few_step"
 PIPELINE_CLASSES = {False: "FewStepStableDiffusionPipeline", True: "FewStepStableDiffusionXLPipeline"}
@@ -63,8 +63,8 @@ def export_lora_folder(folder: Path, unet, info: TeacherInfo, scheduler, default
         getattr(unet, "module", unet).save_pretrained(folder / FULL_UNET_SUBFOLDER)
     scheduler.save_pretrained(folder / SCHEDULER_SUBFOLDER)
     sampling = {k: defaults[k] for k in ("scheduler", "num_inference_steps", "guidance_scale")}
-    (folder / "distill_config.json").write_text(json.dumps({**run_config, "sampling": sampling}, indent=2,
-                                                           default=str))
+    record = {**run_config, "teacher_family": info.family, "sampling": sampling}  # check_lora_base reads the family
+    (folder / "distill_config.json").write_text(json.dumps(record, indent=2, default=str))
     return folder
 
 
@@ -76,6 +76,7 @@ def export_pipeline_folder(folder: Path, teacher_path: str, info: TeacherInfo, l
     scheduler replaced, and the custom pipeline file (plus the scheduler file when the scheduler is not stock
     diffusers) copied in and named in model_index.json.
     """
+    check_lora_base(lora_folder, info)
     base = pipeline_class(info).from_pretrained(teacher_path, dtype=torch_dtype)
     if (lora_folder / FULL_UNET_SUBFOLDER).is_dir():
         from diffusers import UNet2DConditionModel

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .conditioning import TeacherInfo, pipeline_class
+from .conditioning import SD, SDXL, TeacherInfo, pipeline_class
 from .errors import DistillError
 
 # The layers diffusers' LCM-LoRA scripts adapt: attention, feed-forward, resnet convs, samplers, time embedding.
@@ -16,11 +19,12 @@ DEFAULT_TARGET_MODULES = [
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
 ]
 ADAPTER_NAME = "default"
+logger = logging.getLogger(__name__)
 
 
 def add_lora(unet: torch.nn.Module, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
-             target_modules: list[str] | None = None) -> list[torch.nn.Parameter]:
-    """Freeze the UNet, attach a LoRA adapter, return the trainable LoRA parameters."""
+             target_modules: list[str] | None = None, rank_flag: str = "--lora_rank") -> list[torch.nn.Parameter]:
+    """Freeze the UNet, attach a LoRA adapter, return the trainable LoRA parameters (warns if ``rank`` is wasted)."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
@@ -32,17 +36,47 @@ def add_lora(unet: torch.nn.Module, rank: int = 64, alpha: float | None = None, 
         target_modules=target_modules or DEFAULT_TARGET_MODULES,
     )
     unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+    warning = rank_warning(unet, rank, rank_flag)
+    if warning:
+        logger.warning(warning)
     return [p for p in unet.parameters() if p.requires_grad]
+
+
+def rank_warning(unet: torch.nn.Module, rank: int, rank_flag: str = "--lora_rank") -> str | None:
+    """A one-line warning if ``rank`` exceeds what some adapted layer can use, else None.
+
+    The update B A of a layer with weight (out, in, *kernel) has rank at most min(out, in x kernel size) (Hu et al.
+    2021, sec. 4): rank beyond that adds parameters and changes the alpha / rank scale, but no capacity.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    limits = {}
+    for name, module in getattr(unet, "module", unet).named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+            shape = module.get_base_layer().weight.shape
+            limits[name] = min(shape[0], math.prod(shape[1:]))
+    small = sorted((limit, name) for name, limit in limits.items() if limit < rank)
+    if not small:
+        return None
+    limit, name = small[0]
+    return (f"{rank_flag} {rank} is larger than {len(small)} of the {len(limits)} adapted layers can use (a layer's "
+            f"update has rank at most min(out, in) of its weight; smallest: {name} with {limit}): the extra rank adds "
+            f"parameters but no capacity there. Lower {rank_flag} to {limit} or less to fit every layer, or narrow "
+            "--lora_target_modules.")
 
 
 @dataclass
 class LoRASettings:
     """The student's LoRA, with the flags of diffusers' LCM-LoRA scripts; every method's config inherits them."""
 
-    lora_rank: int = 64
-    lora_alpha: float = 64.0
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    lora_rank: int = field(default=64, metadata={
+        "help": "Rank r of the student's LoRA (at most min(out, in) of an adapted layer is used)."})
+    lora_alpha: float = field(default=64.0, metadata={
+        "help": "LoRA alpha: the update B A is scaled by alpha / rank."})
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "Dropout on the LoRA branch's input, in [0, 1)."})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), metadata={
+        "help": "Comma-separated names of the UNet modules to adapt (default: diffusers' LCM-LoRA list)."})
 
     def __post_init__(self):
         if self.lora_rank < 1:
@@ -92,37 +126,175 @@ def save_lora(folder: str | Path, unet: torch.nn.Module, info: TeacherInfo) -> P
     return folder / "pytorch_lora_weights.safetensors"
 
 
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+STUDENT_CONFIG = "distill_config.json"  # written beside the weights by export_lora_folder; records "teacher_family"
+
+
+def check_lora_base(folder: str | Path, base: TeacherInfo, weight_name: str = LORA_WEIGHT_NAME) -> None:
+    """Refuse, before anything loads, a student folder exported by this toolkit whose teacher is not ``base``'s kind.
+
+    Two checks, both from small files: the family recorded in distill_config.json (SD 1.x/2.x vs SDXL), and, for
+    folders without it, the width of the text embeddings the LoRA's cross-attention keys read (``attn2.to_k``
+    lora_A input features) against the base UNet's cross_attention_dim (768 SD 1.x, 1024 SD 2.x, 2048 SDXL).
+    """
+    from .conditioning import FAMILY_NAMES, component_config
+
+    folder = Path(folder)
+    base_name = base.name or base.path
+    recorded = {}
+    if (folder / STUDENT_CONFIG).is_file():
+        try:
+            recorded = json.loads((folder / STUDENT_CONFIG).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            recorded = {}
+    family, teacher = recorded.get("teacher_family"), recorded.get("pretrained_teacher_model") or "its teacher"
+    if family in FAMILY_NAMES and family != base.family:
+        raise DistillError(f"The LoRA in {folder} was distilled from an {FAMILY_NAMES[family]} teacher ({teacher}), "
+                           f"but the base {base_name} is {FAMILY_NAMES[base.family]}: a LoRA loads only onto the "
+                           f"family it was trained on. Load it onto an {FAMILY_NAMES[family]} base (e.g. {teacher}), "
+                           "or distil a LoRA from this base.")
+    width = _lora_text_width(folder / weight_name)
+    cross = component_config(Path(base.path), "unet", base_name).get("cross_attention_dim")
+    if width is not None and isinstance(cross, int) and width != cross:
+        raise DistillError(f"The LoRA in {folder} was trained for a UNet that reads {width}-wide text embeddings, "
+                           f"but the base {base_name} ({FAMILY_NAMES[base.family]}) reads {cross}-wide ones "
+                           "(cross_attention_dim): they are different models. Load it onto the base it was "
+                           f"distilled from ({teacher}).")
+
+
+def _lora_text_width(path: Path) -> int | None:
+    """Input width of the LoRA's cross-attention key projections (peft or kohya keys), from the header only."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if "attn2" in key and "to_k" in key and ("lora_A" in key or "lora_down" in key or "lora.down" in key):
+                    return int(f.get_slice(key).get_shape()[1])
+    except Exception as error:  # a damaged LoRA file: diffusers would fail on it with a long traceback
+        raise DistillError(f"The LoRA weights {path} cannot be read ({type(error).__name__}): the file is damaged "
+                           "or incomplete. Export or download it again.") from None
+    return None
+
+
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 
+# Original (SGM/LDM) names: a resnet's layers, and the layers outside the blocks. Attention blocks keep their names.
+_SGM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_SGM_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
 
-def kohya_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter in kohya-ss keys (``lora_unet_<module path with _>.lora_down/.lora_up/.alpha``).
 
-    These are the names kohya's sd-scripts write for SD 1.x/2.x (a diffusers-layout UNet; for SDXL it writes the
-    original ``input_blocks_...`` names instead), which ComfyUI and AUTOMATIC1111 map onto their own UNet modules for
-    SD and SDXL alike, and which diffusers' ``load_lora_weights`` converts back. diffusers'
-    ``convert_state_dict_to_kohya`` does the renaming but stores ``alpha = rank`` (scale 1), so each module's
-    ``.alpha`` is set here to the adapter's real ``lora_alpha``: a kohya loader scales ``up @ down`` by
-    ``alpha / rank``, the same scale peft applied in training.
+def diffusers_module_path(path: str, config) -> str:
+    """A diffusers UNet module's own path: the names kohya's sd-scripts write for SD 1.x/2.x LoRAs."""
+    return path
+
+
+def _no_sgm_name(path: str) -> DistillError:
+    return DistillError(f"{path} has no name in the original SD/SDXL UNet layout, so it has no kohya key: drop it "
+                        "from --lora_target_modules, or pass --export_format diffusers.")
+
+
+def sgm_module_path(path: str, config) -> str:
+    """The original SGM/LDM UNet's name of diffusers UNet module ``path`` (SD/SDXL single-file checkpoint layout).
+
+    ``input_blocks`` are conv_in, then per down block its (resnet, attention) pairs and its downsampler (``.0.op``);
+    ``middle_block`` is resnet, attention, resnet; ``output_blocks`` are per up block its pairs, one more than the down
+    block's, the upsampler in the last one after the resnet and the attention, if any (``.1.conv`` or ``.2.conv``).
     """
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    for prefix, name in _SGM_TOP.items():
+        if path == prefix or path.startswith(prefix + "."):
+            return name + path[len(prefix):]
+    parts = path.split(".")
+    per_block = config.layers_per_block
+    down = [per_block] * len(config.down_block_types) if isinstance(per_block, int) else list(per_block)
+    up = [n + 1 for n in reversed(down)]
+
+    def resnet(rest: list[str]) -> str:
+        if not rest or rest[0] not in _SGM_RESNET:
+            raise _no_sgm_name(path)
+        return ".".join([_SGM_RESNET[rest[0]], *rest[1:]])
+
+    if len(parts) >= 4 and parts[0] in ("down_blocks", "up_blocks") and parts[1].isdigit() and parts[3].isdigit():
+        block, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if parts[0] == "down_blocks":
+            first = 1 + sum(n + 1 for n in down[:block])
+            if kind == "downsamplers" and rest[:1] == ["conv"]:
+                return ".".join([f"input_blocks.{first + down[block]}.0.op", *rest[1:]])
+            if kind == "resnets":
+                return f"input_blocks.{first + j}.0.{resnet(rest)}"
+            if kind == "attentions":
+                return ".".join([f"input_blocks.{first + j}.1", *rest])
+        else:
+            first = sum(up[:block])
+            if kind == "upsamplers" and rest[:1] == ["conv"]:
+                index = 2 if "Attn" in config.up_block_types[block] else 1
+                return ".".join([f"output_blocks.{first + up[block] - 1}.{index}.conv", *rest[1:]])
+            if kind == "resnets":
+                return f"output_blocks.{first + j}.0.{resnet(rest)}"
+            if kind == "attentions":
+                return ".".join([f"output_blocks.{first + j}.1", *rest])
+    if len(parts) >= 3 and parts[0] == "mid_block" and parts[2].isdigit():
+        if parts[1] == "resnets":
+            return f"middle_block.{2 * int(parts[2])}.{resnet(parts[3:])}"
+        if parts[1] == "attentions":
+            return ".".join(["middle_block.1", *parts[3:]])
+    raise _no_sgm_name(path)
+
+
+# The module names of each family's kohya file: those kohya's sd-scripts write, which every client maps.
+# SD 1.x/2.x: diffusers names. AUTOMATIC1111 rewrites them to its own (extensions-builtin/Lora/networks.py,
+# convert_diffusers_name_to_compvis, fixed block sizes that fit SD 1.x/2.x), ComfyUI and Forge look them up through
+# comfy.utils.unet_to_diffusers, and diffusers' SD pipeline reads them as they are (it never remaps original names
+# for SD: StableDiffusionLoraLoaderMixin passes no unet_config, so ``input_blocks`` would land in the wrong blocks).
+# SDXL: original names. A1111's rewrite puts SDXL's first upsampler (up_blocks.0 has attention) at
+# output_blocks.2.1.conv, which does not exist, and drops it; original names it looks up directly, as ComfyUI and
+# Forge do, and diffusers' SDXL pipeline maps them back (_maybe_map_sgm_blocks_to_diffusers with the UNet config).
+KOHYA_LAYOUTS = {SD: diffusers_module_path, SDXL: sgm_module_path}
+
+
+def kohya_module_names(unet: torch.nn.Module, family: str) -> dict[str, str]:
+    """``{peft module path: kohya module name}`` for every module the adapter adapts (works on a meta-device UNet)."""
     from peft.tuners.lora import LoraLayer
 
     bare = getattr(unet, "module", unet)
-    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora_state_dict(bare).items()})
-    for name, module in bare.named_modules():
-        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_alpha:
-            alpha_key = f"lora_unet_{name.replace('.', '_')}.alpha"
-            if alpha_key not in state:
-                raise KeyError(f"kohya conversion lost the LoRA of {name}")
-            state[alpha_key] = torch.tensor(float(module.lora_alpha[ADAPTER_NAME]))
+    layout = KOHYA_LAYOUTS[family]
+    names = {path: "lora_unet_" + layout(path, bare.config).replace(".", "_")
+             for path, module in bare.named_modules()
+             if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_alpha}
+    if len(set(names.values())) != len(names):
+        raise KeyError("two adapted modules got the same kohya name")
+    return names
+
+
+def kohya_state_dict(unet: torch.nn.Module, family: str) -> dict[str, torch.Tensor]:
+    """The adapter in kohya-ss keys (``lora_unet_<module name with _>.lora_down.weight/.lora_up.weight/.alpha``).
+
+    Module names follow ``KOHYA_LAYOUTS[family]``. Each ``.alpha`` is the adapter's real ``lora_alpha`` (diffusers'
+    ``convert_state_dict_to_kohya`` would store ``alpha = rank``): a kohya loader scales ``up @ down`` by
+    ``alpha / rank``, the same scale peft applied in training.
+    """
+    bare = getattr(unet, "module", unet)
+    peft = lora_state_dict(bare)
+    state = {}
+    for path, name in kohya_module_names(bare, family).items():
+        state[f"{name}.lora_down.weight"] = peft.pop(f"{path}.lora_A.weight")
+        state[f"{name}.lora_up.weight"] = peft.pop(f"{path}.lora_B.weight")
+        state[f"{name}.alpha"] = torch.tensor(float(bare.get_submodule(path).lora_alpha[ADAPTER_NAME]))
+    if peft:
+        raise KeyError(f"kohya conversion left out {sorted(peft)[:3]}")
     return state
 
 
-def save_lora_kohya(folder: str | Path, unet: torch.nn.Module) -> Path:
-    """Write ``pytorch_lora_weights_kohya.safetensors``: the same LoRA in the key format ComfyUI/A1111 load."""
+def save_lora_kohya(folder: str | Path, unet: torch.nn.Module, info: TeacherInfo) -> Path:
+    """Write ``pytorch_lora_weights_kohya.safetensors``: the same LoRA in the keys ComfyUI, Forge and A1111 load."""
     from safetensors.torch import save_file
 
     path = Path(folder) / KOHYA_WEIGHT_NAME
-    save_file({k: v.contiguous() for k, v in kohya_state_dict(unet).items()}, str(path), metadata={"format": "pt"})
+    state = kohya_state_dict(unet, info.family)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
     return path

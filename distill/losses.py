@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,8 +23,10 @@ def distance(prediction: torch.Tensor, target: torch.Tensor, loss_type: str, hub
 class DistanceSettings:
     """--loss_type and --huber_c, as in diffusers' LCM scripts; configs of methods that use ``distance`` inherit them."""
 
-    loss_type: str = "l2"
-    huber_c: float = 0.001
+    loss_type: str = field(default="l2", metadata={
+        "help": "Distance between student and target: l2 or huber (pseudo-Huber, sqrt(d^2 + c^2) - c)."})
+    huber_c: float = field(default=0.001, metadata={
+        "help": "c of the pseudo-Huber distance (--loss_type huber)."})
 
     def __post_init__(self):
         if self.loss_type not in ("l2", "huber"):

@@ -14,10 +14,12 @@ Shards are written to a temporary file and renamed, so a shard file that exists 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +30,8 @@ MANIFEST = "pairs.json"
 FORMAT_VERSION = 1
 SAMPLER = "DPMSolverMultistepScheduler (dpmsolver++, trailing, final sigma 0)"
 SEED_STRIDE = 2**32  # sample i of seed s uses generator seed s * 2**32 + i: distinct for every (s, i)
+FINGERPRINT_CHUNK = 64 * 1024
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +51,9 @@ class PairManifest:
     prompts_source: str
     num_prompts: int
     format_version: int = FORMAT_VERSION
+    # Added later, so manifests without them still read: the teacher's resolved folder and teacher_fingerprint().
+    teacher_path: str = ""
+    teacher_fingerprint: str = ""
 
     @property
     def num_shards(self) -> int:
@@ -100,7 +107,10 @@ def start_or_resume(folder: Path, manifest: PairManifest) -> list[int]:
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / MANIFEST).is_file():
         existing = read_manifest(folder)
-        changed = [k for k, v in asdict(manifest).items() if getattr(existing, k) != v]
+        # teacher_path may differ for the same teacher (another working directory); an older manifest has no
+        # fingerprint, and its folder keeps its own manifest.
+        changed = [k for k, v in asdict(manifest).items() if getattr(existing, k) != v and k != "teacher_path"
+                   and not (k == "teacher_fingerprint" and not existing.teacher_fingerprint)]
         if changed:
             raise DistillError(f"{folder} already holds pairs made with different settings ({', '.join(changed)}). "
                                "Rerun with the same arguments to resume, or pass a new --output_dir.")
@@ -108,7 +118,25 @@ def start_or_resume(folder: Path, manifest: PairManifest) -> list[int]:
         _atomic_write_text(folder / MANIFEST, json.dumps(asdict(manifest), indent=2) + "\n")
     for stale in folder.glob("*.tmp"):
         stale.unlink()  # half-written shards of a killed run
-    return [s for s in range(manifest.num_shards) if not shard_path(folder, s).is_file()]
+    missing = [s for s in range(manifest.num_shards) if not shard_path(folder, s).is_file()]
+    damaged = [s for s in range(manifest.num_shards) if s not in missing and not _shard_is_intact(folder, manifest, s)]
+    if damaged:
+        names = [shard_path(folder, s).name for s in damaged]
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        logger.warning("%d shard(s) in %s are damaged (cut short, unreadable or with the wrong number of pairs), "
+                       "regenerating them: %s", len(damaged), folder, listed)
+        for s in damaged:
+            shard_path(folder, s).unlink()
+    return sorted(missing + damaged)
+
+
+def _shard_is_intact(folder: Path, manifest: PairManifest, shard: int) -> bool:
+    """True if the shard reads back with the rows and shapes the manifest asks for (see _check_shard)."""
+    try:
+        _check_shard(folder, manifest, shard)
+    except DistillError:
+        return False
+    return True
 
 
 def write_shard(folder: Path, shard: int, noise: torch.Tensor, latents: torch.Tensor, captions: list[str]) -> Path:
@@ -168,10 +196,16 @@ def _check_shard(folder: Path, manifest: PairManifest, shard: int) -> list[str]:
     return captions
 
 
-def load_pair_dataset(path: str | os.PathLike) -> PairDataset:
-    """Check a pair folder completely (manifest, every shard present and well-formed) and return its dataset."""
+def load_pair_dataset(path: str | os.PathLike, teacher=None, resolution: int | None = None) -> PairDataset:
+    """Check a pair folder completely (manifest, every shard present and well-formed) and return its dataset.
+
+    With ``teacher`` (a TeacherInfo) and ``resolution``, the pairs must also come from that teacher at that latent
+    shape (see check_pairs_teacher).
+    """
     folder = Path(path).expanduser()
     manifest = read_manifest(folder)
+    if teacher is not None:
+        check_pairs_teacher(folder, manifest, teacher, resolution)
     if manifest.num_samples <= 0:
         raise DistillError(f"{folder} holds no pairs (num_samples = {manifest.num_samples}). Regenerate it with "
                            "train_scripts/generate_pairs.py and --num_samples >= 1.")
@@ -182,6 +216,83 @@ def load_pair_dataset(path: str | os.PathLike) -> PairDataset:
                            "with the same arguments: it resumes and writes only the missing shards.")
     captions = [_check_shard(folder, manifest, s) for s in range(manifest.num_shards)]
     return PairDataset(folder, manifest, captions)
+
+
+def teacher_fingerprint(teacher_path: str | os.PathLike) -> str:
+    """A cheap identity of a teacher's UNet: sha256 of its config and a sample of its weight bytes.
+
+    Reads about 200 KB per weight file whatever its size (the size and 64 KiB at its start, middle and end), so the
+    same files give the same value under any path or Hub id, while another model or a fine-tune of the same one (its
+    weights differ everywhere) gives another.
+    """
+    unet = Path(teacher_path) / "unet"
+    config = json.loads((unet / "config.json").read_text())
+    digest = hashlib.sha256(json.dumps({k: v for k, v in config.items() if not k.startswith("_")},
+                                       sort_keys=True).encode())
+    index = unet / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        files = [unet / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        files = [file for file in (unet / "diffusion_pytorch_model.safetensors", unet / "diffusion_pytorch_model.bin")
+                 if file.is_file()][:1]
+    for file in files:
+        size = file.stat().st_size
+        digest.update(str(size).encode())
+        with open(file, "rb") as f:
+            for offset in (0, size // 2, max(size - FINGERPRINT_CHUNK, 0)):
+                f.seek(offset)
+                digest.update(f.read(FINGERPRINT_CHUNK))
+    return digest.hexdigest()
+
+
+def _same_teacher(manifest: PairManifest, teacher, fingerprint: str) -> bool:
+    """Whether the manifest's teacher is ``teacher``: by fingerprint when recorded, else by name or folder."""
+    if manifest.teacher_fingerprint:
+        return manifest.teacher_fingerprint == fingerprint
+    if manifest.teacher == teacher.name:  # an older manifest: the same folder or Hub id as given
+        return True
+    recorded = Path(manifest.teacher).expanduser()
+    if not (recorded / "unet").is_dir():
+        return False  # a Hub id or a folder that is gone: nothing to compare the weights with
+    try:
+        return recorded.resolve() == Path(teacher.path).resolve() or teacher_fingerprint(recorded) == fingerprint
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def check_pairs_teacher(folder: Path, manifest: PairManifest, teacher, resolution: int) -> None:
+    """Refuse pairs that another teacher made, or that have another latent shape than this run trains at.
+
+    Rectified Diffusion (Wang et al. 2024, Algorithm 4) retrains a teacher on its own couplings (eps, x0_hat): pairs
+    of another model are another coupling, and latents of another shape do not fit the UNet at this resolution.
+    Family and latent shape are compared strictly; the teacher by the UNet fingerprint pairs.json records (older
+    manifests: by the name or folder given to generate_pairs.py).
+    """
+    from .conditioning import FAMILY_NAMES
+
+    run_shape = list(latent_shape(teacher, resolution))
+    fingerprint = teacher_fingerprint(teacher.path)
+    family, run_family = (FAMILY_NAMES.get(f, f) for f in (manifest.family, teacher.family))
+    problems = []
+    if manifest.family != teacher.family:
+        problems.append(f"family {family} vs {run_family}")
+    if not _same_teacher(manifest, teacher, fingerprint):
+        problems.append(f"UNet fingerprint {manifest.teacher_fingerprint[:12]} vs {fingerprint[:12]}"
+                        if manifest.teacher_fingerprint else "another teacher named in pairs.json")
+    if list(manifest.latent_shape) != run_shape:
+        problems.append(f"latent shape {tuple(manifest.latent_shape)} vs {tuple(run_shape)}")
+    if not problems:
+        return
+    name = teacher.name or teacher.path
+    regenerate = (f"train_scripts/generate_pairs.py --pretrained_teacher_model {name} --resolution {resolution} "
+                  "--output_dir <new folder>")
+    fix = (f"Train at --resolution {manifest.resolution}, or generate pairs at this resolution: {regenerate}."
+           if len(problems) == 1 and problems[0].startswith("latent shape") else
+           f"Generate pairs with this teacher: {regenerate}, and pass that folder as --pairs_dir.")
+    raise DistillError(f"The pairs in {folder} do not match this run's teacher and resolution ({'; '.join(problems)}): "
+                       f"they were made by {manifest.teacher} ({family}, latents {tuple(manifest.latent_shape)} at "
+                       f"{manifest.resolution}px), this run's teacher is {name} ({run_family}, latents "
+                       f"{tuple(run_shape)} at {resolution}px). {fix}")
 
 
 def collate_pairs(examples: list[dict]) -> dict:
@@ -200,19 +311,32 @@ def collate_pairs(examples: list[dict]) -> dict:
 class PairGenerationConfig:
     """Settings of train_scripts/generate_pairs.py (defaults: the Rectified Diffusion reference's generation run)."""
 
-    pretrained_teacher_model: str = ""
-    output_dir: str = ""
-    prompts_file: str | None = None
-    dataset_name: str | None = None
-    train_data_dir: str | None = None
-    caption_column: str = "text"
-    num_samples: int | None = None  # None: one pair per prompt
-    num_inference_steps: int = 25
-    guidance_scale: float = 5.0
-    resolution: int | None = None  # None: the teacher's native resolution
-    seed: int = 0
-    shard_size: int = 256
-    batch_size: int = 8
+    pretrained_teacher_model: str = field(default="", metadata={
+        "help": "Teacher: a local SD 1.x/2.x or SDXL diffusers folder, or a Hub id."})
+    output_dir: str = field(default="", metadata={
+        "help": "Folder of the pair shards; rerun with the same arguments to resume an interrupted run."})
+    prompts_file: str | None = field(default=None, metadata={
+        "help": "A .txt file, one prompt per line."})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "A Hugging Face dataset (name or save_to_disk folder) whose --caption_column holds prompts."})
+    train_data_dir: str | None = field(default=None, metadata={
+        "help": "A local image folder with metadata.jsonl (or .tar shards) whose captions are the prompts."})
+    caption_column: str = field(default="text", metadata={
+        "help": "The column holding the prompts."})
+    num_samples: int | None = field(default=None, metadata={  # None: one pair per prompt
+        "help": "Number of pairs (prompts are cycled); default: one per prompt."})
+    num_inference_steps: int = field(default=25, metadata={
+        "help": "Steps of the teacher's DPM-Solver++."})
+    guidance_scale: float = field(default=5.0, metadata={
+        "help": "Classifier-free guidance scale of the teacher (1 disables guidance)."})
+    resolution: int | None = field(default=None, metadata={  # None: the teacher's native resolution
+        "help": "Image size; default: the teacher's native size."})
+    seed: int = field(default=0, metadata={
+        "help": "Sample i's noise is drawn from a generator seeded by (seed, i)."})
+    shard_size: int = field(default=256, metadata={
+        "help": "Pairs per shard file (the unit of resuming)."})
+    batch_size: int = field(default=8, metadata={
+        "help": "Pairs per teacher call."})
 
     def __post_init__(self):
         if not self.pretrained_teacher_model:
@@ -294,7 +418,8 @@ def generate_pairs(config: PairGenerationConfig, show_progress: bool = True) -> 
         teacher=config.pretrained_teacher_model, family=info.family, resolution=resolution, latent_shape=list(shape),
         num_samples=config.num_samples or len(prompts), shard_size=config.shard_size,
         num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale, seed=config.seed,
-        sampler=SAMPLER, prompts_source=config.prompts_source, num_prompts=len(prompts))
+        sampler=SAMPLER, prompts_source=config.prompts_source, num_prompts=len(prompts),
+        teacher_path=str(Path(info.path).resolve()), teacher_fingerprint=teacher_fingerprint(info.path))
     folder = Path(config.output_dir)
     todo = start_or_resume(folder, manifest)
     pipe = load_pair_pipeline(info)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import re
-import shutil
+import shlex
+import signal
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,15 +15,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import BatchEncoder, CachedLatents
+from .checkpoints import (PARTIAL_SUFFIX, STATE_FILE, check_output_dir, complete_checkpoints, newest_intact,
+                          read_state, register_trainable_only_hooks, remove_partial_checkpoints, resume_checkpoint,
+                          save_checkpoint)
 from .conditioning import TeacherInfo, TextConditioner, inspect_teacher, native_resolution
 from .data import ImageDataConfig, build_training_set
 from .errors import DistillError
 from .methods import Method, Teacher, get_method
+from .run_identity import check_resume, run_identity
 from .schedule import NoiseSchedule
+from .stop_signals import TrainingStopped, stop_signals_handled
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; renamed to checkpoint-N only once complete
 
 
 def micro_batch_index(step: int, micro: int, accumulation: int, num_processes: int, rank: int) -> int:
@@ -41,70 +43,143 @@ def micro_batch_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
 
 
-EXPORT_FORMATS = ("diffusers", "kohya")
+# both: the diffusers (peft-key) LoRA file and the kohya-key one; diffusers: only the first; kohya: both (older name).
+EXPORT_FORMATS = ("both", "diffusers", "kohya")
 
 
 @dataclass
 class TrainConfig:
-    """Loop settings; names and meanings follow diffusers' LCM distillation scripts."""
+    """Loop settings; names and meanings follow diffusers' LCM distillation scripts (each field's help is its flag's)."""
 
-    pretrained_teacher_model: str = ""
-    pretrained_vae_model_name_or_path: str | None = None
-    teacher_revision: str | None = None
-    output_dir: str = "lcm-lora-out"
-    cache_dir: str | None = None
-    seed: int | None = None
-    resolution: int | None = None  # None: the teacher's native resolution
-    train_batch_size: int = 16
-    num_train_epochs: int = 100
-    max_train_steps: int | None = None
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    learning_rate: float = 1e-4
-    learning_rates: dict = field(default_factory=dict)  # per-optimizer overrides, e.g. {"fake_score": 1e-3}
-    scale_lr: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 500
-    use_8bit_adam: bool = False
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    mixed_precision: str | None = None
-    allow_tf32: bool = False
-    enable_xformers_memory_efficient_attention: bool = False
-    dataloader_num_workers: int = 0
-    proportion_empty_prompts: float = 0.0
-    vae_encode_batch_size: int = 8
-    cache_latents: bool = False
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    validation_steps: int = 200
-    validation_prompts: list = field(default_factory=lambda: ["a photo of an astronaut riding a horse"])
-    report_to: str = "tensorboard"
-    logging_dir: str = "logs"
-    tracker_project_name: str = "distill"
-    export_pipeline: bool = True
-    export_format: str = "diffusers"  # "kohya" also writes pytorch_lora_weights_kohya.safetensors
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_token: str | None = None
-    hub_private_repo: bool = False
-    hub_include_pipeline: bool = False
+    pretrained_teacher_model: str = field(default="", metadata={
+        "help": "Teacher: a local SD 1.x/2.x or SDXL diffusers folder, or a Hub id."})
+    pretrained_vae_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "A VAE (folder or Hub id) to use instead of the teacher's, e.g. madebyollin/sdxl-vae-fp16-fix."})
+    teacher_revision: str | None = field(default=None, metadata={
+        "help": "Revision (branch, tag or commit) of a Hub teacher."})
+    output_dir: str = field(default="lcm-lora-out", metadata={
+        "help": "Folder of checkpoints, validation grids, the exported weights and the pipeline folder."})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "Cache folder for Hub teachers and datasets (default: the Hugging Face cache)."})
+    seed: int | None = field(default=None, metadata={
+        "help": "Seed of the whole run (noise, timesteps, data order); without it a fresh seed is drawn and logged."})
+    resolution: int | None = field(default=None, metadata={  # None: the teacher's native resolution
+        "help": "Training resolution, a multiple of 8; default: the teacher's native size (512 for SD 1.x, 1024 for "
+                "SDXL)."})
+    train_batch_size: int = field(default=16, metadata={
+        "help": "Samples per batch on each process."})
+    num_train_epochs: int = field(default=100, metadata={
+        "help": "Passes over the data; --max_train_steps overrides it."})
+    max_train_steps: int | None = field(default=None, metadata={
+        "help": "Optimizer steps to train (overrides --num_train_epochs)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "Batches accumulated per optimizer step; total batch = batch size x processes x this."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute UNet activations during the backward pass: less memory, slower steps."})
+    learning_rate: float = field(default=1e-4, metadata={
+        "help": "Learning rate of the student's AdamW (and of every other optimizer unless overridden)."})
+    learning_rates: dict = field(default_factory=dict, metadata={  # per-optimizer overrides, e.g. {"fake_score": 1e-3}
+        "help": "Per-optimizer learning rates as name=value[,name=value], e.g. --learning_rates fake_score=1e-3 "
+                "(names: unet, fake_score, discriminator)."})
+    scale_lr: bool = field(default=False, metadata={
+        "help": "Multiply the learning rates by the total batch size."})
+    lr_scheduler: str = field(default="constant", metadata={
+        "help": "Learning-rate schedule of diffusers' get_scheduler: constant, constant_with_warmup, linear, cosine, "
+                "cosine_with_restarts or polynomial."})
+    lr_warmup_steps: int = field(default=500, metadata={
+        "help": "Warm-up steps of the learning-rate schedule (the plain constant schedule has none)."})
+    use_8bit_adam: bool = field(default=False, metadata={
+        "help": "Use bitsandbytes' 8-bit AdamW to save optimizer memory (pip install bitsandbytes)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "Clip each network's gradient norm to this value (0 turns clipping off)."})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "no, fp16 or bf16 (default: accelerate's config); trainable weights stay fp32. fp16 needs a GPU."})
+    allow_tf32: bool = field(default=False, metadata={
+        "help": "Allow TF32 matrix products on Ampere and newer GPUs (faster, slightly less precise)."})
+    enable_xformers_memory_efficient_attention: bool = field(default=False, metadata={
+        "help": "Use xformers attention (pip install xformers); PyTorch's SDPA is used otherwise."})
+    dataloader_num_workers: int = field(default=0, metadata={
+        "help": "Data-loading worker processes (0: load in the training process)."})
+    proportion_empty_prompts: float = field(default=0.0, metadata={
+        "help": "Fraction of captions replaced by the empty prompt."})
+    vae_encode_batch_size: int = field(default=8, metadata={
+        "help": "Images per VAE encoder call (training batches and --cache_latents)."})
+    cache_latents: bool = field(default=False, metadata={
+        "help": "Encode the dataset with the VAE and text encoders once and train from the cache."})
+    checkpointing_steps: int = field(default=500, metadata={
+        "help": "Save a resumable checkpoint (output_dir/checkpoint-N) every this many steps, and at the last step."})
+    checkpoints_total_limit: int | None = field(default=None, metadata={
+        "help": "Keep at most this many checkpoints, removing the oldest first (default: keep all)."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "'latest' or a checkpoint-N folder to resume from."})
+    validation_steps: int = field(default=200, metadata={
+        "help": "Write a grid of validation images (output_dir/validation) every this many steps; 0 turns it off."})
+    validation_prompts: list = field(default_factory=lambda: ["a photo of an astronaut riding a horse"], metadata={
+        "help": "Comma-separated prompts of the validation grid."})
+    report_to: str = field(default="tensorboard", metadata={
+        "help": "Tracker for losses and validation images: tensorboard, wandb, comet_ml, all, or none."})
+    logging_dir: str = field(default="logs", metadata={
+        "help": "Tracker log folder, inside --output_dir."})
+    tracker_project_name: str = field(default="distill", metadata={
+        "help": "Project name given to the tracker."})
+    export_pipeline: bool = field(default=True, metadata={
+        "help": "Also write a self-contained pipeline folder (output_dir/pipeline).",
+        "help_off": "Do not write the self-contained pipeline folder (output_dir/pipeline); the weights, scheduler "
+                    "config and model card are still written."})
+    export_format: str = field(default="both", metadata={
+        "help": "both (default): pytorch_lora_weights.safetensors for diffusers' load_lora_weights and "
+                "pytorch_lora_weights_kohya.safetensors for ComfyUI/Forge/AUTOMATIC1111; diffusers: only the first; "
+                "kohya: same as both."})
+    push_to_hub: bool = field(default=False, metadata={
+        "help": "Upload the student (weights, scheduler/, model card, samples.png) to --hub_model_id."})
+    hub_model_id: str | None = field(default=None, metadata={
+        "help": "The Hub model repo to create or update, e.g. user/lcm-lora-sdxl."})
+    hub_token: str | None = field(default=None, metadata={
+        "help": "Hub token for --push_to_hub (default: the one saved by `hf auth login`)."})
+    hub_private_repo: bool = field(default=False, metadata={
+        "help": "With --push_to_hub, create the repo as private."})
+    hub_include_pipeline: bool = field(default=False, metadata={
+        "help": "With --push_to_hub, also upload the self-contained pipeline/ folder."})
 
     def __post_init__(self):
         if self.export_format not in EXPORT_FORMATS:
             raise DistillError(f"--export_format must be one of {', '.join(EXPORT_FORMATS)}, got "
-                               f"{self.export_format!r}. Use kohya for ComfyUI/AUTOMATIC1111 (the diffusers file is "
-                               "always written as well).")
+                               f"{self.export_format!r}. Leave it at both (the default: the diffusers file and the "
+                               "kohya file for ComfyUI/Forge/AUTOMATIC1111), or pass diffusers for the diffusers file "
+                               "only.")
         if self.hub_include_pipeline and not self.push_to_hub:
             raise DistillError("--hub_include_pipeline only applies to an upload: add --push_to_hub "
                                "--hub_model_id <user/repo>, or drop --hub_include_pipeline.")
         if self.hub_include_pipeline and not self.export_pipeline:
             raise DistillError("--hub_include_pipeline uploads the pipeline folder, but --no_export_pipeline skips "
                                "writing it: drop one of the two flags.")
+        if self.train_batch_size < 1:
+            raise DistillError(f"--train_batch_size must be at least 1, got {self.train_batch_size}; e.g. "
+                               "--train_batch_size 4 (and --gradient_accumulation_steps for a larger total batch).")
+        if self.gradient_accumulation_steps < 1:
+            raise DistillError(f"--gradient_accumulation_steps must be at least 1, got "
+                               f"{self.gradient_accumulation_steps}; pass 1 to step the optimizer after every batch.")
+        if self.checkpointing_steps < 1:
+            raise DistillError(f"--checkpointing_steps must be a positive number of steps, got "
+                               f"{self.checkpointing_steps}; e.g. 500 (a checkpoint is also written at the last step).")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise DistillError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}; "
+                               "leave it out to keep every checkpoint.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise DistillError(f"--learning_rate must be a positive finite number, got {self.learning_rate}; e.g. 1e-4 "
+                               "for a LoRA student.")
+        for name, value in self.learning_rates.items():
+            if not (math.isfinite(value) and value > 0):
+                raise DistillError(f"--learning_rates {name} must be a positive finite number, got {value}; e.g. "
+                                   f"--learning_rates {name}=1e-4.")
+        if not self.validation_prompts or any(not str(p).strip() for p in self.validation_prompts):
+            raise DistillError(f"--validation_prompts needs non-blank prompts, got {self.validation_prompts!r}: pass "
+                               "text such as --validation_prompt 'a photo of a cat', or leave the flag out for the "
+                               "default prompt.")
 
 
 class Trainer:
@@ -124,6 +199,19 @@ class Trainer:
         if not cfg.pretrained_teacher_model:
             raise DistillError("--pretrained_teacher_model is required: a local SD/SDXL folder or a Hub id.")
         info = inspect_teacher(cfg.pretrained_teacher_model, cfg.cache_dir, cfg.teacher_revision)
+        scheduler_file = Path(info.path, "scheduler", "scheduler_config.json")
+        if scheduler_file.is_file():  # the teacher's T, from its config file alone (no weights are read here)
+            import json
+
+            num_train_timesteps = json.loads(scheduler_file.read_text()).get("num_train_timesteps", 1000)
+            for flag in ("num_ddim_timesteps", "num_denoising_steps"):  # any method's grid on the teacher's timesteps
+                steps = getattr(self.method_config, flag, None)
+                if steps is not None and steps > num_train_timesteps:
+                    raise DistillError(f"--{flag} ({steps}) cannot exceed the teacher's {num_train_timesteps} training "
+                                       f"timesteps; pass at most {num_train_timesteps}.")
+        if cfg.mixed_precision == "fp16" and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+            logger.warning("--mixed_precision fp16 on a machine without CUDA: fp16 on a CPU is about 5x slower than "
+                           "fp32; pass --mixed_precision no (or bf16).")
         if cfg.resolution is None:
             cfg.resolution = native_resolution(info)
             self.data_config.resolution = cfg.resolution
@@ -149,10 +237,11 @@ class Trainer:
         if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint.rstrip("/").endswith(PARTIAL_SUFFIX):
             raise DistillError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint} is a checkpoint whose saving "
                                "never finished; pass 'latest' or a complete checkpoint-N folder.")
-        if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint, "trainer_state.json").is_file():
+        if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint, STATE_FILE).is_file():
             raise DistillError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint} is not a checkpoint folder; "
                                "pass 'latest' or a checkpoint-N folder written by an earlier run.")
-        dataset, collate = build_training_set(self.method_cls.data_kind_for(self.method_config), self.data_config)
+        check_output_dir(self.output_dir)
+        dataset, collate = build_training_set(self.method_cls.data_kind_for(self.method_config), self.data_config, info)
         return info, dataset, collate
 
     def _accelerator(self):
@@ -173,16 +262,20 @@ class Trainer:
     def _load_teacher(self, info: TeacherInfo, weight_dtype, device):
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
+        from .conditioning import teacher_load_errors
+
         cfg = self.config
-        unet = UNet2DConditionModel.from_pretrained(info.path, subfolder="unet", revision=cfg.teacher_revision)
-        if cfg.pretrained_vae_model_name_or_path:
-            vae = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path)
-            vae_dtype = weight_dtype
-        else:
-            vae = AutoencoderKL.from_pretrained(info.path, subfolder="vae", revision=cfg.teacher_revision)
-            vae_dtype = torch.float32 if info.is_sdxl else weight_dtype  # SDXL's own VAE overflows in fp16
+        with teacher_load_errors(info):  # damaged weight files: one error line, not a traceback from deep inside
+            unet = UNet2DConditionModel.from_pretrained(info.path, subfolder="unet", revision=cfg.teacher_revision)
+            if cfg.pretrained_vae_model_name_or_path:
+                vae = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path)
+                vae_dtype = weight_dtype
+            else:
+                vae = AutoencoderKL.from_pretrained(info.path, subfolder="vae", revision=cfg.teacher_revision)
+                vae_dtype = torch.float32 if info.is_sdxl else weight_dtype  # SDXL's own VAE overflows in fp16
+            conditioner = TextConditioner(info, cfg.resolution, weight_dtype, cfg.teacher_revision)
         vae.requires_grad_(False).eval().to(device, vae_dtype)
-        conditioner = TextConditioner(info, cfg.resolution, weight_dtype, cfg.teacher_revision).to(device)
+        conditioner.to(device)
         from diffusers import DDPMScheduler
 
         scheduler_config = DDPMScheduler.load_config(info.path, subfolder="scheduler")
@@ -191,7 +284,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- run
     def run(self) -> Path:
-        """Train, then export; returns the output folder."""
+        """Train, then export; returns the output folder. SIGTERM/SIGINT stop after a step with a checkpoint."""
+        with stop_signals_handled() as self.stop:
+            return self._run()
+
+    def _run(self) -> Path:
         cfg = self.config
         info, dataset, collate = self._validate_inputs()
         from accelerate.utils import set_seed
@@ -203,10 +300,15 @@ class Trainer:
         self._check_distributed_setup(accelerator)
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._remove_partial_checkpoints()
+            remove_partial_checkpoints(self.output_dir)
         accelerator.wait_for_everyone()
-        resume_path = self._resume_path()
+        resume_path = resume_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
         cfg.seed = self._run_seed(resume_path)
+        self.identity = run_identity(self.method_cls.name, self._flat_config(), info.path, info.family,
+                                     accelerator.num_processes)
+        if resume_path is not None:
+            for warning in check_resume(resume_path, read_state(resume_path), self.identity, cfg.max_train_steps):
+                logger.warning(warning)
         set_seed(cfg.seed)
         if cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -269,7 +371,7 @@ class Trainer:
                                f"{accelerator.gradient_accumulation_steps} (a DeepSpeed config, or accelerate launch "
                                f"--gradient_accumulation_steps), but --gradient_accumulation_steps is "
                                f"{cfg.gradient_accumulation_steps}: remove it there and set only the script's flag.")
-        self._register_checkpoint_hooks(accelerator, method)
+        register_trainable_only_hooks(accelerator, method.nets)
         for state in method.checkpoint_objects():
             accelerator.register_for_checkpointing(state)
 
@@ -280,6 +382,11 @@ class Trainer:
         # An epoch ends with a shorter accumulation window when its batch count is not a multiple of the window.
         first_epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
         skip_batches = step_in_epoch * cfg.gradient_accumulation_steps
+        if len(train_set) < cfg.train_batch_size:
+            logger.warning("The dataset has %d samples, fewer than --train_batch_size %d: every batch holds %d "
+                           "samples, so the total batch is %d, not %d.", len(train_set), cfg.train_batch_size,
+                           len(train_set), total_batch // cfg.train_batch_size * len(train_set), total_batch)
+            total_batch = total_batch // cfg.train_batch_size * len(train_set)
         logger.info("%d examples, %d steps, total batch %d", len(train_set), max_steps, total_batch)
         progress = tqdm(range(max_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
@@ -315,8 +422,10 @@ class Trainer:
                 logs["lr"] = next(iter(schedulers.values())).get_last_lr()[0]
                 progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
                 accelerator.log(logs, step=global_step)
-                if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps:
+                saved = global_step % cfg.checkpointing_steps == 0 or global_step == max_steps
+                if saved:
                     self._save_checkpoint(accelerator, global_step)
+                self._stop_if_signalled(accelerator, global_step, saved)
                 if cfg.validation_steps and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
                     self._validate(global_step)
                 if global_step >= max_steps:
@@ -386,69 +495,39 @@ class Trainer:
         bad = (~torch.isfinite(values)).nonzero()
         if len(bad):
             process, which = bad[0].tolist()
-            last = self._checkpoints()
-            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+            last = newest_intact(self.output_dir)  # only a checkpoint whose files read back is called good
+            where = (f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+                     if not complete_checkpoints(self.output_dir) else "no checkpoint reads back intact")
             on = f" on process {process}" if values.shape[0] > 1 else ""
             raise DistillError(f"The {names[which]} loss became {values[process, which].item()} at step {step + 1}"
                                f"{on}; {where}. Lower --learning_rate, or use --mixed_precision bf16 instead of fp16.")
 
-    def _checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (half-written ones carry a .partial suffix and are ignored)."""
-        if not self.output_dir.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.output_dir.iterdir()
-                 if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
-        return [p for _, p in sorted(found)]
-
-    def _remove_partial_checkpoints(self) -> None:
-        """Delete checkpoint-N.partial folders: what a run killed while saving leaves behind (main process only)."""
-        for leftover in self.output_dir.glob(f"checkpoint-*{PARTIAL_SUFFIX}"):
-            logger.warning("Removing %s: an earlier run stopped while writing it.", leftover)
-            shutil.rmtree(leftover)
-
     def _save_checkpoint(self, accelerator, step: int) -> None:
-        """Called by every process (DeepSpeed and FSDP save collectively).
+        """checkpoint-``step`` (every process calls it), recording the step, the seed and the run's identity."""
+        state = {"global_step": step, "seed": self.config.seed, "identity": self.identity}
+        self.stop.last_checkpoint = save_checkpoint(accelerator, self.output_dir, step, state,
+                                                    self.config.checkpoints_total_limit)
 
-        accelerate.save_state writes checkpoint-N.partial, which becomes checkpoint-N in one atomic rename once
-        every process has finished; only then are checkpoints beyond --checkpoints_total_limit removed, so a crash
-        at any moment leaves the previous complete checkpoint in place.
-        """
-        final = self.output_dir / f"checkpoint-{step}"
-        partial = final.with_name(final.name + PARTIAL_SUFFIX)
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state = {"global_step": step, "seed": self.config.seed}
-            (partial / "trainer_state.json").write_text(json.dumps(state))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-            self._apply_total_limit(keep=final)
-        accelerator.wait_for_everyone()
+    def _stop_if_signalled(self, accelerator, step: int, saved: bool) -> None:
+        """After an optimizer step: if any process got SIGTERM/SIGINT, checkpoint (unless just done) and stop."""
+        import torch.distributed as dist
 
-    def _apply_total_limit(self, keep: Path) -> None:
-        """Remove the oldest checkpoints other than ``keep`` until at most --checkpoints_total_limit remain."""
-        limit = self.config.checkpoints_total_limit
-        if limit is None:
+        signum = torch.tensor([self.stop.signum or 0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        if not signum.item():
             return
-        others = [p for p in self._checkpoints() if p != keep]
-        for old in others[: max(0, len(others) - (limit - 1))]:
-            shutil.rmtree(old)
-
-    def _resume_path(self) -> Path | None:
-        """The checkpoint --resume_from_checkpoint names ('latest': the newest complete one), or None."""
-        choice = self.config.resume_from_checkpoint
-        if not choice:
-            return None
-        if choice != "latest":
-            return Path(choice)
-        found = self._checkpoints()
-        if not found:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh.", self.output_dir)
-            return None
-        return found[-1]
+        if not saved:
+            self._save_checkpoint(accelerator, step)
+        checkpoint = self.output_dir / f"checkpoint-{step}"
+        argv = [a for i, a in enumerate(sys.argv) if not (a.startswith("--resume_from_checkpoint") or
+                                                          (i and sys.argv[i - 1] == "--resume_from_checkpoint"))]
+        stopped = TrainingStopped(int(signum.item()), f"Stopped by {signal.Signals(int(signum.item())).name} after "
+                                  f"step {step}: wrote {checkpoint}. Resume with the same launcher and: "
+                                  f"{shlex.join(['python', *argv])} --resume_from_checkpoint latest")
+        if accelerator.is_main_process:
+            print(stopped, file=sys.stderr, flush=True)
+        raise stopped
 
     def _run_seed(self, resume_path: Path | None) -> int:
         """--seed; else the seed of the checkpoint being resumed; else a fresh seed shared by every process."""
@@ -456,7 +535,7 @@ class Trainer:
             return self.config.seed
         recorded = None
         if resume_path is not None:
-            recorded = json.loads((resume_path / "trainer_state.json").read_text()).get("seed")
+            recorded = read_state(resume_path).get("seed")
         if recorded is not None:
             return recorded
         from accelerate.utils import broadcast_object_list
@@ -473,40 +552,7 @@ class Trainer:
         # Checkpoints are written between optimizer steps: a new accumulation window starts, whatever the window
         # length of the run that wrote it (load_state restores that run's micro-batch count).
         accelerator.step = 0
-        return json.loads((path / "trainer_state.json").read_text())["global_step"]
-
-    def _register_checkpoint_hooks(self, accelerator, method: Method) -> None:
-        """Checkpoints hold only trainable weights (the LoRA), not a full copy of the teacher."""
-        from safetensors.torch import load_file, save_file
-
-        def name_of(model) -> str:
-            bare = accelerator.unwrap_model(model)
-            return next(n for n, net in method.nets.items() if accelerator.unwrap_model(net) is bare)
-
-        def save_hook(models, weights, output_dir):
-            if not weights:  # DeepSpeed and FSDP save their own (sharded) model and optimizer states
-                return
-            for model in models:
-                bare = accelerator.unwrap_model(model)
-                state = {k: v.detach().float().cpu().contiguous()
-                         for k, v in bare.named_parameters() if v.requires_grad}
-                if accelerator.is_main_process:
-                    save_file(state, os.path.join(output_dir, f"{name_of(model)}_trainable.safetensors"))
-                if weights:
-                    weights.pop()
-
-        def load_hook(models, input_dir):
-            while models:
-                model = models.pop()
-                bare = accelerator.unwrap_model(model)
-                state = load_file(os.path.join(input_dir, f"{name_of(model)}_trainable.safetensors"))
-                result = bare.load_state_dict(state, strict=False)
-                if result.unexpected_keys:
-                    raise DistillError(f"Checkpoint {input_dir} does not match this model "
-                                       f"(unexpected keys such as {result.unexpected_keys[:3]}).")
-
-        accelerator.register_save_state_pre_hook(save_hook)
-        accelerator.register_load_state_pre_hook(load_hook)
+        return read_state(path)["global_step"]
 
     def _student_scheduler(self):
         from .export import student_scheduler
@@ -546,7 +592,7 @@ class Trainer:
         return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
     def _export(self) -> None:
-        """LoRA folder (output_dir; kohya keys too with --export_format kohya), sample grid, model card, optional
+        """LoRA folder (output_dir; kohya keys too unless --export_format diffusers), sample grid, model card, optional
         pipeline folder (output_dir/pipeline), optional upload to the Hub."""
         from .export import (PIPELINE_SUBFOLDER, copy_sample_grid, export_lora_folder, export_pipeline_folder,
                              is_lora_student, push_to_hub, write_model_card)
@@ -559,10 +605,10 @@ class Trainer:
         run_config = {"method": self.method_cls.name, **self._flat_config()}
         export_lora_folder(self.output_dir, unet, self.info, scheduler, defaults, run_config)
         kohya = None
-        if cfg.export_format == "kohya":
+        if cfg.export_format != "diffusers":
             if is_lora_student(unet):
-                kohya = save_lora_kohya(self.output_dir, unet).name
-            else:
+                kohya = save_lora_kohya(self.output_dir, unet, self.info).name
+            elif cfg.export_format == "kohya":
                 logger.warning("--export_format kohya applies to LoRA students; this one is a full UNet (unet/).")
         samples = copy_sample_grid(self.output_dir)
         hyper = {k: v for k, v in asdict(self.method_config).items() if not isinstance(v, list)}

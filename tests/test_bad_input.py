@@ -297,6 +297,72 @@ def resume_path_is_half_written(tmp, teacher, images):
     return {"--resume_from_checkpoint": str(path)}
 
 
+# --- loop flags checked when the command line is parsed (TrainConfig), and method grids against the teacher's T
+def train_batch_size_zero(tmp, teacher, images):
+    return {"--train_batch_size": "0"}
+
+
+def gradient_accumulation_steps_zero(tmp, teacher, images):
+    return {"--gradient_accumulation_steps": "0"}
+
+
+def checkpointing_steps_zero(tmp, teacher, images):
+    return {"--checkpointing_steps": "0"}
+
+
+def checkpointing_steps_negative(tmp, teacher, images):
+    return {"--checkpointing_steps": "-5"}
+
+
+def checkpoints_total_limit_zero(tmp, teacher, images):
+    return {"--checkpoints_total_limit": "0"}
+
+
+def learning_rate_negative(tmp, teacher, images):
+    return {"--learning_rate": "-0.0001"}
+
+
+def learning_rate_zero(tmp, teacher, images):
+    return {"--learning_rate": "0"}
+
+
+def learning_rate_nan(tmp, teacher, images):
+    return {"--learning_rate": "nan"}
+
+
+def learning_rate_inf(tmp, teacher, images):
+    return {"--learning_rate": "inf"}
+
+
+def learning_rates_value_negative(tmp, teacher, images):
+    return {"--learning_rates": "unet=-0.001"}
+
+
+def learning_rates_value_nan(tmp, teacher, images):
+    return {"--learning_rates": "fake_score=nan"}
+
+
+def validation_prompt_blank(tmp, teacher, images):
+    return {"--validation_prompt": "   "}
+
+
+def validation_prompts_empty(tmp, teacher, images):
+    return {"--validation_prompts": " , "}
+
+
+def num_ddim_timesteps_above_teacher(tmp, teacher, images):
+    return {"--num_ddim_timesteps": "2000"}  # the tiny teacher, like SD/SDXL, has T = 1000
+
+
+def num_denoising_steps_above_teacher(tmp, teacher, images):
+    return {"--num_denoising_steps": "1001"}
+
+
+def output_dir_is_a_file(tmp, teacher, images):
+    (tmp / "a-file").write_text("not a folder")
+    return {"--output_dir": str(tmp / "a-file")}
+
+
 @dataclass(frozen=True)
 class Case:
     setup: Callable[[Path, Path, Path], dict]
@@ -348,7 +414,7 @@ CASES = [
     Case(max_train_samples_zero, "--max_train_samples must be a positive number of samples, got <n>."),
     Case(unknown_interpolation, "Unknown interpolation type '<name>'. Pass --interpolation_type with one of:"),
     Case(seed_out_of_range, "--seed must be in [0, 2**32 - 1], got <n>."),
-    Case(unknown_export_format, "--export_format must be one of diffusers, kohya, got '<value>'."),
+    Case(unknown_export_format, "--export_format must be one of both, diffusers, kohya, got '<value>'."),
     Case(push_without_repo, "--push_to_hub needs --hub_model_id (the repo to create or update)."),
     Case(pipeline_upload_without_push, "--hub_include_pipeline only applies to an upload: add --push_to_hub"),
     Case(pipeline_upload_without_pipeline, "--hub_include_pipeline uploads the pipeline folder, but "
@@ -356,6 +422,24 @@ CASES = [
     Case(resume_path_missing, "--resume_from_checkpoint <path> is not a checkpoint folder;"),
     Case(resume_path_is_the_output_folder, "--resume_from_checkpoint <path> is not a checkpoint folder;"),
     Case(resume_path_is_half_written, "--resume_from_checkpoint <path> is a checkpoint whose saving never finished;"),
+    Case(train_batch_size_zero, "--train_batch_size must be at least 1, got <n>;"),
+    Case(gradient_accumulation_steps_zero, "--gradient_accumulation_steps must be at least 1, got <n>;"),
+    Case(checkpointing_steps_zero, "--checkpointing_steps must be a positive number of steps, got <n>;"),
+    Case(checkpointing_steps_negative, "--checkpointing_steps must be a positive number of steps, got <n>;"),
+    Case(checkpoints_total_limit_zero, "--checkpoints_total_limit must be at least 1, got <n>;"),
+    Case(learning_rate_negative, "--learning_rate must be a positive finite number, got <value>;"),
+    Case(learning_rate_zero, "--learning_rate must be a positive finite number, got <value>;"),
+    Case(learning_rate_nan, "--learning_rate must be a positive finite number, got <value>;"),
+    Case(learning_rate_inf, "--learning_rate must be a positive finite number, got <value>;"),
+    Case(learning_rates_value_negative, "--learning_rates <name> must be a positive finite number, got <value>;"),
+    Case(learning_rates_value_nan, "--learning_rates <name> must be a positive finite number, got <value>;",
+         "swiftbrush.py"),
+    Case(validation_prompt_blank, "--validation_prompts needs non-blank prompts, got <prompts>:"),
+    Case(validation_prompts_empty, "--validation_prompts needs non-blank prompts, got <prompts>:"),
+    Case(num_ddim_timesteps_above_teacher, "--<flag> (<n>) cannot exceed the teacher's <T> training timesteps;"),
+    Case(num_denoising_steps_above_teacher, "--<flag> (<n>) cannot exceed the teacher's <T> training timesteps;",
+         "ufogen.py"),
+    Case(output_dir_is_a_file, "--output_dir <path> is a file, not a folder:"),
 ]
 
 

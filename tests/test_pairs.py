@@ -20,6 +20,7 @@ from conftest import subprocess_env
 from distill.data import ImageDataConfig, build_training_set
 from distill.errors import DistillError
 from distill.pairs import collate_pairs, load_pair_dataset, sample_noise
+from distill.tiny import build_tiny_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "generate_pairs.py"
@@ -176,3 +177,100 @@ def test_bad_generation_input_exits_2_with_one_error_line(sd_teacher, prompts_fi
     for argv, message in cases:
         run_expecting_error(argv, message)
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+# ------------------------------------------------------------------------------------ pairs of another teacher
+
+TRAIN = REPO / "train_scripts" / "rectified_diffusion.py"
+
+
+def train_argv(teacher: Path, pairs: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(TRAIN), "--pretrained_teacher_model", str(teacher), "--pairs_dir", str(pairs),
+            "--output_dir", str(out), "--max_train_steps", "1", "--train_batch_size", "2", "--lora_rank", "4",
+            "--seed", "0", "--validation_steps", "0", "--report_to", "none", *extra]
+
+
+def error_line(argv: list[str]) -> str:
+    """The one "error:" line of a command that must exit with status 2 before training (no traceback)."""
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=REPO)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, (argv, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    return errors[0]
+
+
+def pair_check(pairs: Path, teacher: Path, resolution: int = 32):
+    """The training data path with the run's teacher, as Trainer._validate_inputs calls it."""
+    from distill.conditioning import inspect_teacher
+
+    return build_training_set("pairs", ImageDataConfig(pairs_dir=str(pairs), resolution=resolution),
+                              inspect_teacher(str(teacher)))
+
+
+def test_pairs_of_the_other_family_are_refused_before_training(small_pairs, sd_teacher, sdxl_teacher, tmp_path):
+    """Before: rectified_diffusion.py trained an SDXL teacher on SD pairs (and back) without a word."""
+    family, teacher, out, result = small_pairs
+    assert result.returncode == 0, result.stderr[-3000:]
+    other = sdxl_teacher if family == "sd" else sd_teacher
+    line = error_line(train_argv(other, out, tmp_path / "run"))
+    assert line.startswith(f"error: The pairs in {out} do not match this run's teacher and resolution (family "), line
+    assert f"they were made by {teacher} (" in line and f"this run's teacher is {other} (" in line
+    assert ("Generate pairs with this teacher: train_scripts/generate_pairs.py --pretrained_teacher_model "
+            f"{other}") in line
+    assert not (tmp_path / "run").exists()  # refused while validating inputs, before any model was loaded
+
+
+def test_pairs_of_a_same_shaped_teacher_are_refused_by_its_fingerprint(small_pairs, tmp_path):
+    """Same family, same latent shape, other weights (a fine-tune, say): the UNet fingerprint in pairs.json differs.
+    The same teacher under another path (a copy, or a Hub id vs its local snapshot) is accepted."""
+    family, teacher, out, result = small_pairs
+    assert result.returncode == 0, result.stderr[-3000:]
+    other = build_tiny_teacher(tmp_path / "other", sdxl=family == "sdxl", seed=1)
+    line = error_line(train_argv(other, out, tmp_path / "run"))
+    assert line.startswith(f"error: The pairs in {out} do not match this run's teacher and resolution (UNet "
+                           "fingerprint "), line
+    copy = shutil.copytree(teacher, tmp_path / "copy")
+    dataset, _ = pair_check(out, copy)
+    assert len(dataset) == 4
+
+
+def test_pairs_at_another_resolution_are_refused(small_pairs):
+    _, teacher, out, result = small_pairs
+    assert result.returncode == 0, result.stderr[-3000:]
+    with pytest.raises(DistillError, match=r"\(latent shape \(4, 16, 16\) vs \(4, 32, 32\)\).*Train at --resolution "
+                                           r"32, or generate pairs at this resolution"):
+        pair_check(out, teacher, resolution=64)
+
+
+def test_manifests_without_a_fingerprint_still_work(small_pairs, tmp_path):
+    """pairs.json written before teacher_path/teacher_fingerprint: the teacher is judged by name or folder."""
+    family, teacher, out, result = small_pairs
+    assert result.returncode == 0, result.stderr[-3000:]
+    old = shutil.copytree(out, tmp_path / "old")
+    manifest = json.loads((old / "pairs.json").read_text())
+    for key in ("teacher_path", "teacher_fingerprint"):
+        del manifest[key]
+    (old / "pairs.json").write_text(json.dumps(manifest))
+    assert len(pair_check(old, teacher)[0]) == 4  # the same folder
+    assert len(pair_check(old, shutil.copytree(teacher, tmp_path / "copy"))[0]) == 4  # a copy: same weights
+    other = build_tiny_teacher(tmp_path / "other", sdxl=family == "sdxl", seed=1)
+    with pytest.raises(DistillError, match="another teacher named in pairs.json"):
+        pair_check(old, other)
+
+
+def test_rerun_regenerates_truncated_and_wrong_sized_shards(small_pairs, prompts_file, tmp_path):
+    """Before: a rerun over a shard cut to half its bytes printed "Pairs written" and left it broken."""
+    _, teacher, out, result = small_pairs
+    assert result.returncode == 0, result.stderr[-3000:]
+    damaged = shutil.copytree(out, tmp_path / "damaged")
+    first, second = damaged / "shard-00000.safetensors", damaged / "shard-00001.safetensors"
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    shutil.copy(out / "shard-00000.safetensors", second)  # readable, but 3 pairs where 1 belongs
+    rerun = generate(teacher, prompts_file, damaged, "--num_samples", "4", "--shard_size", "3", "--batch_size", "2",
+                     "--guidance_scale", "4.5")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    warnings = [line for line in rerun.stderr.splitlines() if "WARNING" in line and "damaged" in line]
+    assert len(warnings) == 1 and "shard-00000.safetensors, shard-00001.safetensors" in warnings[0], rerun.stderr
+    for name in ("shard-00000.safetensors", "shard-00001.safetensors"):
+        assert (damaged / name).read_bytes() == (out / name).read_bytes(), name  # exactly the pairs it should hold
+    assert len(load_pair_dataset(damaged)) == 4

@@ -22,6 +22,17 @@ def tiny_run(teacher, images, out, **overrides) -> Trainer:
     return Trainer("lcm", LCMConfig(lora_rank=4), ImageDataConfig(train_data_dir=str(images)), config)
 
 
+def nan_teacher(teacher, folder):
+    """A copy of ``teacher`` whose UNet outputs NaN (its conv_out weights are NaN)."""
+    shutil.copytree(teacher, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith("conv_out.weight"))
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, weights)
+    return folder
+
+
 def test_validation_grid_and_tensorboard_logs(sd_teacher, image_folder, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -36,13 +47,20 @@ def test_validation_grid_and_tensorboard_logs(sd_teacher, image_folder, tmp_path
 
 
 def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(sd_teacher, image_folder, tmp_path):
-    broken = tmp_path / "broken-teacher"
-    shutil.copytree(sd_teacher, broken)
-    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
-    state = load_file(weights)
-    name = next(k for k in state if k.endswith("conv_out.weight"))
-    state[name] = torch.full_like(state[name], float("nan"))
-    save_file(state, weights)
+    broken = nan_teacher(sd_teacher, tmp_path / "broken-teacher")
     with pytest.raises(DistillError, match=r"loss became nan at step 1; no checkpoint was written yet"):
         tiny_run(broken, image_folder, tmp_path / "run").run()
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_a_damaged_checkpoint_is_never_called_the_last_good_one(sd_teacher, image_folder, tmp_path):
+    """A complete-looking checkpoint whose weights file is cut short does not read back, so it is not named."""
+    broken = nan_teacher(sd_teacher, tmp_path / "broken-teacher")
+    damaged = tmp_path / "run" / "checkpoint-5"
+    damaged.mkdir(parents=True)
+    (damaged / "trainer_state.json").write_text('{"global_step": 5, "seed": 0}')
+    save_file({"w": torch.zeros(64)}, damaged / "unet_trainable.safetensors")
+    cut = (damaged / "unet_trainable.safetensors").read_bytes()
+    (damaged / "unet_trainable.safetensors").write_bytes(cut[: len(cut) // 2])
+    with pytest.raises(DistillError, match=r"loss became nan at step 1; no checkpoint reads back intact\."):
+        tiny_run(broken, image_folder, tmp_path / "run").run()

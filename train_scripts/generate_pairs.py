@@ -16,25 +16,9 @@ import dataclasses
 import logging
 import sys
 
+from distill.cli import with_default
 from distill.errors import DistillError
 from distill.pairs import PairGenerationConfig, generate_pairs
-
-HELP = {
-    "pretrained_teacher_model": "Teacher: a local SD 1.x/2.x or SDXL diffusers folder, or a Hub id.",
-    "output_dir": "Folder of the pair shards; rerun with the same arguments to resume an interrupted run.",
-    "prompts_file": "A .txt file, one prompt per line.",
-    "dataset_name": "A Hugging Face dataset (name or save_to_disk folder) whose --caption_column holds prompts.",
-    "train_data_dir": "A local image folder with metadata.jsonl (or .tar shards) whose captions are the prompts.",
-    "caption_column": "The column holding the prompts.",
-    "num_samples": "Number of pairs (prompts are cycled); default: one per prompt.",
-    "num_inference_steps": "Steps of the teacher's DPM-Solver++.",
-    "guidance_scale": "Classifier-free guidance scale of the teacher (1 disables guidance).",
-    "resolution": "Image size; default: the teacher's native size.",
-    "seed": "Sample i's noise is drawn from a generator seeded by (seed, i).",
-    "shard_size": "Pairs per shard file (the unit of resuming).",
-    "batch_size": "Pairs per teacher call.",
-}
-
 
 INT_OR_NONE = {"num_samples": int, "resolution": int}
 
@@ -44,7 +28,7 @@ def parse_args(argv=None) -> PairGenerationConfig:
     for field in dataclasses.fields(PairGenerationConfig):
         kind = INT_OR_NONE.get(field.name) or (str if field.default is None else type(field.default))
         parser.add_argument(f"--{field.name}", type=kind, default=field.default,
-                            help=f"{HELP[field.name]} (default: {field.default})")
+                            help=with_default(field.metadata["help"], field.default))
     return PairGenerationConfig(**vars(parser.parse_args(argv)))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,7 +17,9 @@ from .base import LatentBatch, Method, Teacher
 class LCMConfig(CFGSolverSettings, DistanceSettings, LoRASettings):
     """Defaults of diffusers' LCM-LoRA scripts (and the LCM paper: N = 50 skipping-step grid, w in [3, 15])."""
 
-    timestep_scaling_factor: float = 10.0
+    timestep_scaling_factor: float = field(default=10.0, metadata={
+        "help": "s in the boundary scalings c_skip(t) = sigma_data^2 / ((s t)^2 + sigma_data^2), c_out(t) = s t / "
+                "sqrt((s t)^2 + sigma_data^2); larger s makes f_theta closer to the x0 prediction at t > 0."})
 
 
 class LCM(Method):

@@ -9,7 +9,7 @@ discriminator made of the frozen teacher's encoder features and small trainable 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,13 +33,22 @@ class PCMConfig(CFGSolverSettings, DistanceSettings, LoRASettings):
     so the student keeps the teacher's CFG at inference: it is exported with guidance 1 + (w_min + w_max) / 2.
     """
 
-    multiphase: int = 4
-    w_min: float = 4.0
-    w_max: float = 5.0
-    not_apply_cfg_solver: bool = False
-    loss_type: str = "huber"  # the reference scripts' default
-    adv_weight: float = 0.0
-    adv_lr: float = 1e-5
+    multiphase: int = field(default=4, metadata={
+        "help": "Phases M the ODE trajectory is split into (each with its own consistency target); also the exported "
+                "number of sampling steps. The reference uses 1, 2, 4 or 8."})
+    w_min: float = field(default=4.0, metadata={
+        "help": "Minimum guidance scale w sampled for the CFG-augmented teacher ((1+w) cond - w uncond)."})
+    w_max: float = field(default=5.0, metadata={
+        "help": "Maximum guidance scale w sampled for the CFG-augmented teacher."})
+    not_apply_cfg_solver: bool = field(default=False, metadata={
+        "help": "Unguided teacher steps, so the student keeps the teacher's CFG at inference (exported with guidance "
+                "1 + (w_min + w_max) / 2); train with --proportion_empty_prompts > 0, e.g. 0.1."})
+    loss_type: str = field(default="huber", metadata={  # the reference scripts' default
+        "help": "Distance between student and target: l2 or huber (pseudo-Huber, sqrt(d^2 + c^2) - c)."})
+    adv_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the adversarial term (0: plain phased consistency distillation; the reference uses 0.1)."})
+    adv_lr: float = field(default=1e-5, metadata={
+        "help": "Learning rate of the discriminator heads when --adv_weight > 0."})
 
     def __post_init__(self):
         super().__post_init__()

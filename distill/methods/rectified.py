@@ -19,7 +19,7 @@ x0 prediction), which is the first-order solver the student was trained to follo
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,14 +39,25 @@ CLEAN = -1  # the timestep index standing for the clean end (alpha = 1, sigma = 
 class RectifiedConfig(DistanceSettings, LoRASettings):
     """Defaults of the Rectified Diffusion reference (phased: 40-step DDIM grid in 4 phases, teacher CFG w = 2)."""
 
-    rectified_variant: str = "pairs"
-    num_ddim_timesteps: int = 40
-    num_phases: int = 4
-    teacher_guidance_scale: float = 3.0  # phased only; pipeline form, i.e. w = 2 in LCM's (1 + w) cond - w uncond
-    num_inference_steps: int | None = None  # exported default; None: num_phases (phased) or 2 (pairs, consistency)
-    full_finetune: bool = False
-    use_ema: bool = False
-    ema_decay: float = 0.9999
+    rectified_variant: str = field(default="pairs", metadata={
+        "help": "pairs (Algorithm 4, needs --pairs_dir), phased (online teacher inside --num_phases phases, image "
+                "data) or consistency (consistency distillation along each pair's line)."})
+    num_ddim_timesteps: int = field(default=40, metadata={
+        "help": "N, the number of points on the teacher's DDIM grid (phased and consistency variants); a multiple of "
+                "--num_phases."})
+    num_phases: int = field(default=4, metadata={
+        "help": "Phases M of the phased variant; --num_ddim_timesteps must be a multiple."})
+    teacher_guidance_scale: float = field(default=3.0, metadata={  # pipeline form: w = 2 in LCM's (1 + w) c - w u
+        "help": "CFG scale (pipeline form, 1 disables guidance) of the phased variant's online teacher."})
+    num_inference_steps: int | None = field(default=None, metadata={
+        "help": "Default number of steps of the exported sampler; default: --num_phases (phased) or 2 (pairs, "
+                "consistency)."})
+    full_finetune: bool = field(default=False, metadata={
+        "help": "Train the whole UNet instead of a LoRA."})
+    use_ema: bool = field(default=False, metadata={
+        "help": "Keep and export an EMA of the trained weights (diffusers EMAModel)."})
+    ema_decay: float = field(default=0.9999, metadata={
+        "help": "Decay of the EMA of the trained weights (--use_ema), in (0, 1)."})
 
     def __post_init__(self):
         super().__post_init__()

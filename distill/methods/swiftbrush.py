@@ -16,7 +16,7 @@ The student moves its samples along the difference of the two scores (the VSD gr
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,14 +39,23 @@ DEFAULT_FAKE_LR_RATIO = {True: 1000.0, False: 10.0}
 class SwiftBrushConfig(LoRASettings):
     """SwiftBrush's settings: real-score CFG 4.5, t ~ U[0.02T, 0.98T], a LoRA fake score with its own learning rate."""
 
-    guidance_scale: float = 4.5
-    min_timestep_ratio: float = 0.02
-    max_timestep_ratio: float = 0.98
-    weighting: str = "swiftbrush"
-    full_finetune: bool = False
-    fake_lora_rank: int = 64
-    fake_lora_alpha: float = 64.0
-    fake_score_lr_ratio: float | None = None
+    guidance_scale: float = field(default=4.5, metadata={
+        "help": "CFG scale w of the real (teacher) score, eps_u + w (eps_c - eps_u); 1 turns guidance off."})
+    min_timestep_ratio: float = field(default=0.02, metadata={
+        "help": "Score-distillation timesteps t ~ U[min_timestep_ratio T, max_timestep_ratio T]: the lower end."})
+    max_timestep_ratio: float = field(default=0.98, metadata={
+        "help": "Upper end of the score-distillation timestep range, as a fraction of T."})
+    weighting: str = field(default="swiftbrush", metadata={
+        "help": "swiftbrush (sigma_t^2) or dmd (normalised x0-space) weighting of the VSD gradient."})
+    full_finetune: bool = field(default=False, metadata={
+        "help": "Train the whole UNet (SwiftBrush's setting) instead of a LoRA."})
+    fake_lora_rank: int = field(default=64, metadata={
+        "help": "LoRA rank of the fake score."})
+    fake_lora_alpha: float = field(default=64.0, metadata={
+        "help": "LoRA alpha of the fake score."})
+    fake_score_lr_ratio: float | None = field(default=None, metadata={
+        "help": "Fake-score learning rate = --learning_rate x this ratio; default: 10 for a LoRA student, 1000 with "
+                "--full_finetune."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -97,7 +106,7 @@ class SwiftBrush(Method):
         # phi <- psi: the fake score copies the teacher before the student changes it (Algorithm 1, line 2).
         fake_score = copy.deepcopy(teacher.unet)
         self.fake_params = add_lora(fake_score, config.fake_lora_rank, config.fake_lora_alpha, 0.0,
-                                    config.lora_target_modules)
+                                    config.lora_target_modules, rank_flag="--fake_lora_rank")
         # theta <- psi: a LoRA whose B starts at zero, or every weight of the teacher's UNet.
         self.student_params = config.student_parameters(teacher.unet, config.full_finetune)
         self.nets["unet"] = teacher.unet

@@ -11,7 +11,7 @@ steps x0' is re-noised to the next point of the K-point chain with fresh noise a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,10 +37,15 @@ X0_TIMESTEP_SCALING = 1e6
 class UFOGenConfig(LoRASettings):
     """UFOGen's objective with the reference implementation's defaults (K = 4 steps of T / 4, lambda = 1)."""
 
-    num_denoising_steps: int = 4
-    previous_sample: str = "marginal"
-    adversarial_weight: float = 1.0
-    reconstruction_weight: float = 1.0
+    num_denoising_steps: int = field(default=4, metadata={
+        "help": "K: training pairs are T / K timesteps apart; the exported sampler (1 step by default) takes up to K."})
+    previous_sample: str = field(default="marginal", metadata={
+        "help": "How x_{t-1} is drawn from x0: marginal, q(x_{t-1} | x0) (UFOGen), or posterior, q(x_{t-1} | x_t, x0) "
+                "(DDGAN/SIDDM)."})
+    adversarial_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the generator's adversarial (hinge) loss."})
+    reconstruction_weight: float = field(default=1.0, metadata={
+        "help": "Weight lambda of the reconstruction term gamma_t ||x0' - x0||^2."})
 
     def __post_init__(self):
         super().__post_init__()
