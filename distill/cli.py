@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import signal
 import sys
 import typing
+from pathlib import Path
 
 from .data import ImageDataConfig
 from .errors import DistillError
@@ -111,9 +113,65 @@ def _pick(cls, values: dict):
     return cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
+CONFIG_FLAG_HELP = ("A YAML (or JSON) file of settings, named as the flags without '--' (e.g. 'learning_rate: 1e-4'); "
+                    "flags on the command line override it. Every run writes its resolved settings to "
+                    "output_dir/run_config.yaml, which repeats the run when passed here.")
+
+
+def read_config_file(path: str, parser: argparse.ArgumentParser, method_name: str | None = None) -> dict:
+    """Settings of a --config file as parser defaults: keys are flag names, values typed as on the command line."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise DistillError(f"--config {path} does not exist: pass a YAML file of settings (flag names without --).")
+    try:
+        loaded = yaml.safe_load(file.read_text()) if file.suffix != ".json" else json.loads(file.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        raise DistillError(f"--config {path} is not valid YAML/JSON: {str(error).splitlines()[0]}") from error
+    if not isinstance(loaded, dict):
+        raise DistillError(f"--config {path} must hold a mapping of settings (name: value), got {type(loaded).__name__}.")
+    loaded = {k.lstrip("-"): v for k, v in loaded.items()}
+    recorded_method = loaded.pop("method", None)
+    if method_name and recorded_method not in (None, method_name):
+        raise DistillError(f"--config {path} is the settings of a {recorded_method} run, not {method_name}: use "
+                           f"that method's command line, or remove the 'method' line.")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    unknown = sorted(set(loaded) - set(actions))
+    if unknown:
+        raise DistillError(f"--config {path} has unknown settings: {', '.join(unknown)}. Names are the command line's "
+                           "flags without '--' (see --help).")
+    return {name: _typed(actions[name], value, path) for name, value in loaded.items()}
+
+
+def _typed(action: argparse.Action, value, path: str):
+    """A file value converted as its flag would convert the same text (lists and mappings may be YAML's own)."""
+    if value is None or isinstance(value, bool) or action.type is None:
+        return value
+    if isinstance(value, list):
+        return [str(item) for item in value]
+    if isinstance(value, dict):  # YAML reads 1e-3 as text: convert as --learning_rates name=value would
+        value = ",".join(f"{k}={v}" for k, v in value.items())
+    try:
+        return action.type(value if isinstance(value, str) else str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+        raise DistillError(f"--config {path}: {action.dest}: {value!r} is not valid ({error}).") from error
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None, method_name: str | None = None) -> dict:
+    """Parse ``argv``: a --config file's settings first, then the command line's flags over them."""
+    parser.add_argument("--config", default=None, help=CONFIG_FLAG_HELP)
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**read_config_file(known.config, parser, method_name))
+    values = vars(parser.parse_args(argv))
+    values.pop("config")
+    return values
+
+
 def configs_from_args(method_name: str, argv: list[str] | None = None):
-    """Parse a command line into (method config, data config, train config)."""
-    values = vars(build_parser(method_name).parse_args(argv))
+    """Parse a command line (and its --config file) into (method config, data config, train config)."""
+    values = parse_with_config(build_parser(method_name), argv, method_name)
     if values.get("validation_prompts") is None:
         values.pop("validation_prompts")
     train = _pick(TrainConfig, values)

@@ -101,7 +101,7 @@ def inspect_teacher(path: str, cache_dir: str | None = None, revision: str | Non
         index = json.loads(index_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DistillError(f"{index_file} is damaged (not valid JSON). Re-download the teacher.") from None
-    components = {k for k, v in index.items() if isinstance(v, list)}
+    components = {k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None}  # [null, null]: absent
     needed = {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
     missing = sorted(needed - components)
     if missing:

@@ -9,7 +9,8 @@ the teacher's ODE solver makes of the noise eps. ``train_scripts/generate_pairs.
 
 Sample ``i`` lives in shard ``i // shard_size``; its noise is drawn from a generator seeded by (seed, i) alone, so a
 run that is interrupted and started again with the same arguments makes exactly the pairs an uninterrupted run makes.
-Shards are written to a temporary file and renamed, so a shard file that exists is complete.
+Shards are written to a temporary file and renamed, so a shard file that exists is complete; a resumed run still
+checks each one (a copy or disk can cut a file short) and writes damaged ones again.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def read_manifest(folder: Path) -> PairManifest:
 
 
 def start_or_resume(folder: Path, manifest: PairManifest) -> list[int]:
-    """Write the manifest (or check it matches the one already there) and return the shards still missing."""
+    """Write the manifest (or check it matches the one already there) and return the shards to write: missing ones,
+    and damaged ones (cut short, unreadable, wrong rows), which are deleted with a warning naming them."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / MANIFEST).is_file():
@@ -119,7 +121,8 @@ def start_or_resume(folder: Path, manifest: PairManifest) -> list[int]:
     for stale in folder.glob("*.tmp"):
         stale.unlink()  # half-written shards of a killed run
     missing = [s for s in range(manifest.num_shards) if not shard_path(folder, s).is_file()]
-    damaged = [s for s in range(manifest.num_shards) if s not in missing and not _shard_is_intact(folder, manifest, s)]
+    damaged = [s for s in sorted(set(range(manifest.num_shards)) - set(missing))
+               if not _shard_is_intact(folder, manifest, s)]
     if damaged:
         names = [shard_path(folder, s).name for s in damaged]
         listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

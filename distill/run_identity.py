@@ -1,7 +1,7 @@
 """What a checkpoint was trained as, and the check that a resumed run trains the same thing.
 
-Every checkpoint records the run's identity: the method, the teacher (its name and a fingerprint of its
-configuration), and every setting. On resume each setting is compared: a setting that changes what is trained (the
+Every checkpoint records the run's identity: the method, the teacher (its name and a fingerprint of its UNet's
+configuration and weights), and every setting. On resume each setting is compared: a setting that changes what is trained (the
 data, the batch, the learning rate, the LoRA, the method's hyperparameters) stops the run with one line listing every
 difference; a setting that only changes bookkeeping or speed (checkpointing, validation, logging, export, attention
 kernels) is accepted with a warning.
@@ -9,11 +9,10 @@ kernels) is accepted with a warning.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from .errors import DistillError
+from .pairs import teacher_fingerprint
 
 # Settings a resumed run may change: they do not change the weights a step produces (beyond float noise for the
 # precision and kernel switches), only what is logged, saved or exported, or how long training goes on.
@@ -32,18 +31,6 @@ NOT_RECORDED = frozenset({"hub_token", "resume_from_checkpoint"})
 IDENTITY_KEYS = ("method", "teacher_family", "teacher_fingerprint", "num_processes")
 
 
-def teacher_fingerprint(teacher_path: str | Path) -> str:
-    """A short hash of the teacher folder's configuration files (model_index and every component's config)."""
-    root = Path(teacher_path)
-    digest = hashlib.sha256()
-    for config in sorted([root / "model_index.json", *root.glob("*/config.json"), *root.glob("*/*_config.json")]):
-        if config.is_file():
-            text = json.loads(config.read_text())
-            stable = {k: v for k, v in text.items() if not k.startswith("_")}  # drop _name_or_path, versions
-            digest.update(f"{config.relative_to(root)}={json.dumps(stable, sort_keys=True)}".encode())
-    return digest.hexdigest()[:16]
-
-
 def _normalise(value):
     """Local paths compare by their absolute location; other values as JSON scalars or strings."""
     if isinstance(value, str) and value and Path(value).exists():
@@ -53,7 +40,7 @@ def _normalise(value):
 
 def run_identity(method: str, settings: dict, teacher_path: str, family: str, num_processes: int) -> dict:
     """The identity recorded in each checkpoint: method, teacher family and fingerprint, every setting."""
-    identity = {"method": method, "teacher_family": family, "teacher_fingerprint": teacher_fingerprint(teacher_path),
+    identity = {"method": method, "teacher_family": family, "teacher_fingerprint": teacher_fingerprint(teacher_path)[:16],
                 "num_processes": num_processes}
     identity.update({k: _normalise(v) for k, v in settings.items() if k not in NOT_RECORDED})
     return identity
