@@ -212,3 +212,38 @@ def push_to_hub(folder: Path, repo_id: str, token: str | None = None, private: b
     api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), repo_type="model", allow_patterns=allow,
                       ignore_patterns=ignore, commit_message="Upload distilled student")
     return repo.repo_id
+
+
+def export_student(output_dir: Path, method, unet, teacher, cfg, plan) -> None:
+    """Everything a finished run writes: LoRA folder (kohya keys too unless --export_format diffusers), sample grid,
+    model card, optional pipeline folder (output_dir/pipeline), optional upload to the Hub."""
+    import logging
+    from dataclasses import asdict
+
+    from .lora import save_lora_kohya
+
+    defaults = method.export_defaults()
+    scheduler = student_scheduler(teacher.scheduler_config, defaults)
+    export_lora_folder(output_dir, unet, teacher.info, scheduler, defaults,
+                       {"method": plan.method, **plan.scalar_settings()})
+    kohya = None
+    if cfg.export_format != "diffusers":
+        if is_lora_student(unet):
+            kohya = save_lora_kohya(output_dir, unet, teacher.info).name
+        elif cfg.export_format == "kohya":
+            logging.getLogger(__name__).warning(
+                "--export_format kohya applies to LoRA students; this one is a full UNet (unet/).")
+    samples = copy_sample_grid(output_dir)
+    hyper = {k: v for k, v in asdict(method.config).items() if not isinstance(v, list)}
+    hyper.update(learning_rate=cfg.learning_rate, train_batch_size=cfg.train_batch_size,
+                 max_train_steps=cfg.max_train_steps, resolution=plan.resolution)
+    with_pipeline = cfg.export_pipeline and (cfg.hub_include_pipeline or not cfg.push_to_hub)
+    write_model_card(output_dir, plan.method, teacher.info, cfg.pretrained_teacher_model, defaults, hyper,
+                     repo_id=cfg.hub_model_id if cfg.push_to_hub else None, samples=samples.name if samples else None,
+                     pipeline_subfolder=PIPELINE_SUBFOLDER if with_pipeline else None, kohya_file=kohya)
+    if cfg.export_pipeline:
+        export_pipeline_folder(output_dir / PIPELINE_SUBFOLDER, teacher.info.path, teacher.info, output_dir, scheduler,
+                               defaults)
+    if cfg.push_to_hub:
+        push_to_hub(output_dir, cfg.hub_model_id, cfg.hub_token, private=cfg.hub_private_repo,
+                    include_pipeline=cfg.hub_include_pipeline)

@@ -358,6 +358,20 @@ def num_denoising_steps_above_teacher(tmp, teacher, images):
     return {"--num_denoising_steps": "1001"}
 
 
+def config_file_missing(tmp, teacher, images):
+    return {"--config": str(tmp / "no-such-run.yaml")}
+
+
+def config_file_has_an_unknown_setting(tmp, teacher, images):
+    (tmp / "run.yaml").write_text("learning_rate: 1e-4\nlearning_rat: 2e-4\n")
+    return {"--config": str(tmp / "run.yaml")}
+
+
+def config_file_of_another_method(tmp, teacher, images):
+    (tmp / "run.yaml").write_text("method: pcm\nmultiphase: 4\n")
+    return {"--config": str(tmp / "run.yaml")}
+
+
 def output_dir_is_a_file(tmp, teacher, images):
     (tmp / "a-file").write_text("not a folder")
     return {"--output_dir": str(tmp / "a-file")}
@@ -440,6 +454,9 @@ CASES = [
     Case(num_denoising_steps_above_teacher, "--<flag> (<n>) cannot exceed the teacher's <T> training timesteps;",
          "ufogen.py"),
     Case(output_dir_is_a_file, "--output_dir <path> is a file, not a folder:"),
+    Case(config_file_missing, "--config <path> does not exist:"),
+    Case(config_file_has_an_unknown_setting, "--config <path> has unknown settings: <names>."),
+    Case(config_file_of_another_method, "--config <path> is the settings of a <method> run, not <method>:"),
 ]
 
 
