@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .conditioning import Cond, TextConditioner
-from .methods.base import LatentBatch
+
+
+@dataclass
+class LatentBatch:
+    """A training batch in latent space: prompt and empty-prompt conditions, with what the data kind provides.
+
+    ``latents``: clean latents (``images`` and ``pairs`` data; None for ``prompts``).
+    ``noise``: the initial noise coupled to ``latents`` (``pairs`` data only).
+    """
+
+    latents: torch.Tensor | None
+    cond: Cond
+    uncond: Cond
+    noise: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.cond.prompt_embeds.shape[0]
 
 
 class BatchEncoder:

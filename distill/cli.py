@@ -107,7 +107,7 @@ def build_parser(method_name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _pick(cls, values: dict):
+def pick(cls, values: dict):
     """Build ``cls`` from the parsed values it knows, keeping its defaults for flags not given."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names and v is not None})
@@ -174,17 +174,16 @@ def configs_from_args(method_name: str, argv: list[str] | None = None):
     values = parse_with_config(build_parser(method_name), argv, method_name)
     if values.get("validation_prompts") is None:
         values.pop("validation_prompts")
-    train = _pick(TrainConfig, values)
+    train = pick(TrainConfig, values)
     data_values = {**values, "cache_dir": train.cache_dir, "seed": train.seed}
-    return _pick(get_method(method_name).Config, values), _pick(ImageDataConfig, data_values), train
+    return pick(get_method(method_name).Config, values), pick(ImageDataConfig, data_values), train
 
 
-def main(method_name: str, argv: list[str] | None = None) -> int:
-    """Entry point of train_scripts/<method>.py: user errors end in one clear line, not a traceback."""
+def run_command(work: typing.Callable[[], object]) -> int:
+    """Run a command line's work: user errors end in one clear `error:` line (exit 2), not a traceback."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        method_config, data_config, train_config = configs_from_args(method_name, argv)
-        Trainer(method_name, method_config, data_config, train_config).run()
+        work()
     except DistillError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -194,3 +193,13 @@ def main(method_name: str, argv: list[str] | None = None) -> int:
         print("Interrupted before training started; nothing was written.", file=sys.stderr)
         return 128 + signal.SIGINT
     return 0
+
+
+def main(method_name: str, argv: list[str] | None = None) -> int:
+    """Entry point of train_scripts/<method>.py and ``python -m distill <method>``."""
+
+    def train() -> None:
+        method_config, data_config, train_config = configs_from_args(method_name, argv)
+        Trainer(method_name, method_config, data_config, train_config).run()
+
+    return run_command(train)

@@ -1,4 +1,5 @@
-"""A UNet seen as a denoiser: owns the one ``unet(...)`` call and absorbs the prediction type."""
+"""A UNet seen as a denoiser: owns the one ``unet(...)`` call and absorbs the prediction type. Also the one place where
+LoRA adapters are switched: ``using_adapter``, and ``AdapterView``, one adapter of a shared UNet as a network."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import torch
 
 from .conditioning import Cond
+from .lora import switch_adapter
 from .schedule import NoiseSchedule
 
 
@@ -15,7 +17,7 @@ class Denoiser:
 
     def __init__(self, unet: torch.nn.Module, schedule: NoiseSchedule):
         self.unet = unet  # possibly wrapped by accelerate (DDP/FSDP); called for the forward pass
-        self.module = getattr(unet, "module", unet)  # the bare UNet, for its dtype and adapters
+        self.module = getattr(unet, "module", unet)  # the bare UNet (or AdapterView), for its dtype and adapters
         self.schedule = schedule
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,11 +33,98 @@ class Denoiser:
     @contextlib.contextmanager
     def as_teacher(self):
         """The frozen teacher: the same UNet with its LoRA adapters disabled (LCM-LoRA, Luo et al. 2023, sec. 3)."""
-        has_adapters = getattr(self.module, "_hf_peft_config_loaded", False)
-        if has_adapters:
-            self.module.disable_adapters()
-        try:
+        with using_adapter(self.module, None):
             yield self
-        finally:
-            if has_adapters:
-                self.module.enable_adapters()
+
+
+@contextlib.contextmanager
+def using_adapter(net: torch.nn.Module, adapter: str | None):
+    """Inside the block ``net`` runs with only LoRA ``adapter`` on (None: every adapter off, i.e. the teacher).
+
+    ``net`` is a UNet (possibly DDP-wrapped) or an ``AdapterView``, which switches its UNet in its own forward. A UNet
+    without adapters is the teacher already. requires_grad flags never change (see ``lora.switch_adapter``).
+    """
+    net = getattr(net, "module", net)
+    view = isinstance(net, AdapterView)
+    if view:
+        previous, net.adapter = net.adapter, adapter
+    else:
+        previous = switch_adapter(net, adapter)
+    try:
+        yield net
+    finally:
+        if view:
+            net.adapter = previous
+        else:
+            switch_adapter(net, previous)
+
+
+class AdapterView(torch.nn.Module):
+    """One LoRA adapter of a UNet that holds several, as a network of its own (a student and a fake score on one UNet).
+
+    Its parameters are that adapter's weights alone, under the UNet's own names, so an optimizer, a DDP wrapper and a
+    checkpoint each hold one adapter; its forward runs the whole UNet with only this adapter on (``adapter`` None:
+    all off). Each view is its own DDP module: one forward with gradients and one backward per step each, as DDP needs.
+    """
+
+    def __init__(self, unet: torch.nn.Module, adapter: str):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        super().__init__()
+        self.__dict__["unet"] = unet  # a plain attribute, not a submodule: the frozen weights stay out of parameters()
+        self.adapter = adapter
+        for path, layer in unet.named_modules():
+            if isinstance(layer, BaseTunerLayer):
+                for kind in layer.adapter_layer_names:
+                    if adapter in getattr(layer, kind):
+                        _register(self, f"{path}.{kind}.{adapter}", getattr(layer, kind)[adapter])
+        if next(self.parameters(), None) is None:
+            raise ValueError(f"The UNet has no LoRA adapter {adapter!r}.")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def forward(self, *args, **kwargs):
+        """The UNet's forward with only this adapter on."""
+        with using_adapter(self.unet, self.adapter):
+            output = self.unet(*args, **kwargs)
+        if torch.is_grad_enabled() and getattr(self.unet, "is_gradient_checkpointing", False):
+            if isinstance(output, tuple):
+                return (_SwitchOnBackward.apply(output[0], self.unet, self.adapter), *output[1:])
+            output.sample = _SwitchOnBackward.apply(output.sample, self.unet, self.adapter)
+        return output
+
+    def activated(self) -> torch.nn.Module:
+        """The shared UNet, left with only this adapter on, for code that calls it directly (validation, export)."""
+        switch_adapter(self.unet, self.adapter)
+        return self.unet
+
+
+def _register(root: torch.nn.Module, path: str, value: torch.nn.Module | torch.nn.Parameter) -> None:
+    """Register ``value`` under the dotted ``path`` below ``root``, creating empty parent modules as needed."""
+    *parents, name = path.split(".")
+    for part in parents:
+        if part not in root._modules:
+            root.add_module(part, torch.nn.Module())
+        root = root._modules[part]
+    if isinstance(value, torch.nn.Parameter):
+        root.register_parameter(name, value)
+    else:
+        root.add_module(name, value)
+
+
+class _SwitchOnBackward(torch.autograd.Function):
+    """Identity whose backward first turns the forward's adapter back on: with gradient checkpointing the UNet's blocks
+    are recomputed during the backward pass, when another adapter may have run since (the trainer computes every
+    loss before the first backward)."""
+
+    @staticmethod
+    def forward(ctx, sample: torch.Tensor, unet: torch.nn.Module, adapter: str | None) -> torch.Tensor:
+        ctx.unet, ctx.adapter = unet, adapter
+        return sample.view_as(sample)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        switch_adapter(ctx.unet, ctx.adapter)
+        return grad, None, None

@@ -298,3 +298,39 @@ def save_lora_kohya(folder: str | Path, unet: torch.nn.Module, info: TeacherInfo
     state = kohya_state_dict(unet, info.family)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
     return path
+
+
+# ----------------------------------------------------------------------- several adapters on one UNet (score distillation)
+
+
+def switch_adapter(unet: torch.nn.Module, adapter: str | list[str] | None) -> list[str] | None:
+    """Turn on only LoRA adapter(s) ``adapter`` of ``unet`` (None: every adapter off, the teacher); returns the choice
+    that was on before (None if all were off), to switch back with.
+
+    peft's switches also set requires_grad (on for the active adapter, off for the others). Every flag is put back,
+    so an adapter's weights stay trainable, in their optimizer and DDP wrapper, while another adapter runs.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    bare = getattr(unet, "module", unet)
+    layers = [m for m in bare.modules() if isinstance(m, BaseTunerLayer)]
+    names = [adapter] if isinstance(adapter, str) else adapter
+    if names is not None and (not layers or set(names) - set(getattr(bare, "peft_config", {}))):
+        raise ValueError(f"The UNet has no LoRA adapter {adapter!r}.")
+    if not layers:
+        return None
+
+    def state(layer) -> list[str] | None:
+        return None if layer.disable_adapters else list(layer.active_adapters)
+
+    previous = state(layers[0])
+    if all(state(layer) == names for layer in layers):
+        return previous
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        if names is not None:
+            layer.set_adapter(names)
+        layer.enable_adapters(names is not None)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    return previous

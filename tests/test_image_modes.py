@@ -1,4 +1,4 @@
-"""Every PIL image mode reaches training as faithful 8-bit RGB (distill.data.to_rgb), read from real files through
+"""Every PIL image mode reaches training as faithful 8-bit RGB (distill.image_modes.to_rgb), read from real files through
 build_training_set as the trainer reads them; plus the once-per-run data warnings (transparency, duplicate
 file_name rows, captions cut at the tokenizer's limit)."""
 
@@ -17,8 +17,9 @@ import pytest
 from PIL import Image, ImageCms
 
 from distill.conditioning import TextConditioner, inspect_teacher
-from distill.data import ImageDataConfig, build_training_set, to_rgb
+from distill.data import ImageDataConfig, build_training_set
 from distill.errors import DistillError
+from distill.image_modes import to_rgb
 
 SIZE = 16
 WHITE = [255, 255, 255]

@@ -12,35 +12,21 @@ Every flag: python train_scripts/generate_pairs.py --help
 """
 
 import argparse
-import dataclasses
-import logging
 import sys
 
-from distill.cli import with_default
-from distill.errors import DistillError
+from distill.cli import add_dataclass_flags, parse_with_config, pick, run_command
 from distill.pairs import PairGenerationConfig, generate_pairs
-
-INT_OR_NONE = {"num_samples": int, "resolution": int}
 
 
 def parse_args(argv=None) -> PairGenerationConfig:
+    """The command line (and its --config file) as a PairGenerationConfig, flags built as for the trainers."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for field in dataclasses.fields(PairGenerationConfig):
-        kind = INT_OR_NONE.get(field.name) or (str if field.default is None else type(field.default))
-        parser.add_argument(f"--{field.name}", type=kind, default=field.default,
-                            help=with_default(field.metadata["help"], field.default))
-    return PairGenerationConfig(**vars(parser.parse_args(argv)))
+    add_dataclass_flags(parser, PairGenerationConfig, set())
+    return pick(PairGenerationConfig, parse_with_config(parser, argv))
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        folder = generate_pairs(parse_args(argv))
-    except DistillError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"Pairs written to {folder}")
-    return 0
+    return run_command(lambda: print(f"Pairs written to {generate_pairs(parse_args(argv))}"))
 
 
 if __name__ == "__main__":

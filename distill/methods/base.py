@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..conditioning import Cond, TeacherInfo
-from ..denoiser import Denoiser
+from ..batching import LatentBatch
+from ..conditioning import TeacherInfo
+from ..denoiser import AdapterView, Denoiser
 from ..schedule import NoiseSchedule
 
 
@@ -20,24 +21,6 @@ class Teacher:
     schedule: NoiseSchedule
     info: TeacherInfo
     latent_shape: tuple[int, int, int] = (4, 64, 64)  # (channels, height, width) of one latent at training size
-
-
-@dataclass
-class LatentBatch:
-    """A training batch in latent space: prompt and empty-prompt conditions, with what the data kind provides.
-
-    ``latents``: clean latents (``images`` and ``pairs`` data; None for ``prompts``).
-    ``noise``: the initial noise coupled to ``latents`` (``pairs`` data only).
-    """
-
-    latents: torch.Tensor | None
-    cond: Cond
-    uncond: Cond
-    noise: torch.Tensor | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return self.cond.prompt_embeds.shape[0]
 
 
 class Method(abc.ABC):
@@ -83,8 +66,11 @@ class Method(abc.ABC):
         return []
 
     def student_unet(self) -> torch.nn.Module:
-        """The UNet to validate and export (a method keeping an EMA copy returns the EMA weights here)."""
-        return self.nets["unet"]
+        """The UNet to validate and export (a method keeping an EMA copy returns the EMA weights here; a student that
+        is one adapter of a shared UNet, an ``AdapterView``, gives that UNet with only the student's adapter on)."""
+        net = self.nets["unet"]
+        bare = getattr(net, "module", net)
+        return bare.activated() if isinstance(bare, AdapterView) else net
 
     def denoiser(self, name: str = "unet") -> Denoiser:
         """The (possibly distributed-wrapped) network ``name`` as a denoiser on the teacher's schedule."""

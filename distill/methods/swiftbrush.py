@@ -4,31 +4,32 @@ Three networks share the teacher's weights at the start (Algorithm 1, line 2: ph
 
 * the student f_theta: the teacher's UNet, with a LoRA (default) or fully fine-tuned, read at t = T - 1 as a one-step
   generator x0 = (z - sigma_T eps_theta(z, T)) / alpha_T from pure noise z;
-* the fake score eps_phi: a copy of the teacher's UNet with its own LoRA, trained by denoising score matching on the
-  student's (detached) samples, so that it tracks the score of the student's distribution;
-* the real score eps_psi: the frozen teacher with classifier-free guidance. It is the fake score's copy with its
-  adapters disabled, which is the untouched teacher whether the student is a LoRA or a fully fine-tuned UNet.
+* the fake score eps_phi: a second LoRA adapter on the same UNet (on a copy of the teacher taken before training when
+  the student is fully fine-tuned), trained by denoising score matching on the student's (detached) samples, so that
+  it tracks the score of the student's distribution;
+* the real score eps_psi: the frozen teacher with classifier-free guidance: the fake score's UNet with every adapter
+  off, which is the untouched teacher whether the student is a LoRA or a fully fine-tuned UNet.
 
 The student moves its samples along the difference of the two scores (the VSD gradient of ProlificDreamer, Wang et al.
-2023, as SwiftBrush's Algorithm 1, line 10 writes it); both networks are updated once per step, student first.
+2023, as SwiftBrush's Algorithm 1, line 10 writes it); both networks are updated once per step, student first. The
+pieces shared with DMD2 live in ``distill.score_distillation``; this file keeps SwiftBrush's choices (timestep ranges,
+learning rates, the order of the updates).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 
 from ..conditioning import Cond
 from ..errors import DistillError
-from ..lora import LoRASettings, add_lora
-from ..losses import distance, score_distillation_surrogate
-from ..schedule import NoiseSchedule
-from ..solvers import cfg_teacher_prediction
+from ..lora import LoRASettings
+from ..score_distillation import (WEIGHTINGS, fake_score_loss, one_step_x0, score_distillation_surrogate,
+                                  student_and_fake_score, vsd_gradient)
 from .base import LatentBatch, Method, Teacher
 
-WEIGHTINGS = ("swiftbrush", "dmd")
+__all__ = ["SwiftBrush", "SwiftBrushConfig", "one_step_x0"]
 # Learning-rate ratio fake score / student when --fake_score_lr_ratio is not given. SwiftBrush trains a full student
 # at 1e-6 and the LoRA fake score at 1e-3 (ratio 1000); a LoRA student's usual rate is about 1e-4, so the same
 # absolute fake-score rate is a ratio of 10.
@@ -73,26 +74,6 @@ class SwiftBrushConfig(LoRASettings):
             raise DistillError(f"--fake_score_lr_ratio must be positive, got {self.fake_score_lr_ratio}.")
 
 
-def one_step_x0(student, z: torch.Tensor, cond: Cond) -> torch.Tensor:
-    """x0 = f_theta(z, y) = (z - sigma_T eps_theta(z, T)) / alpha_T at t = T - 1 (SwiftBrush, Algorithm 1, line 6)."""
-    t = torch.full((z.shape[0],), student.schedule.num_train_timesteps - 1, dtype=torch.long, device=z.device)
-    x0, _ = student(z, t, cond)
-    return x0
-
-
-def vsd_weight(schedule: NoiseSchedule, t: torch.Tensor, x0: torch.Tensor, x0_real: torch.Tensor,
-               weighting: str) -> torch.Tensor:
-    """omega(t): sigma_t^2 (SwiftBrush's code) or sigma_t / (alpha_t mean|x0 - x0_real|) (DMD, Yin et al. 2024, 3.2).
-
-    DMD writes its gradient in x0 space, (x0_fake - x0_real) / mean|x0 - x0_real|; with x0 = (x_t - sigma_t eps) /
-    alpha_t for both scores at the same x_t this is the eps-space gradient times sigma_t / alpha_t / mean|...|.
-    """
-    sigma = schedule.sigma(t, x0)
-    if weighting == "swiftbrush":
-        return sigma**2
-    normaliser = (x0 - x0_real).abs().mean(dim=tuple(range(1, x0.dim())), keepdim=True).clamp_min(1e-8)
-    return sigma / (schedule.alpha(t, x0) * normaliser)
-
 
 class SwiftBrush(Method):
     """A one-step student trained from prompts only against a guided real score and a LoRA fake score."""
@@ -103,13 +84,12 @@ class SwiftBrush(Method):
 
     def __init__(self, teacher: Teacher, config: SwiftBrushConfig):
         super().__init__(teacher, config)
-        # phi <- psi: the fake score copies the teacher before the student changes it (Algorithm 1, line 2).
-        fake_score = copy.deepcopy(teacher.unet)
-        self.fake_params = add_lora(fake_score, config.fake_lora_rank, config.fake_lora_alpha, 0.0,
-                                    config.lora_target_modules, rank_flag="--fake_lora_rank")
-        # theta <- psi: a LoRA whose B starts at zero, or every weight of the teacher's UNet.
-        self.student_params = config.student_parameters(teacher.unet, config.full_finetune)
-        self.nets["unet"] = teacher.unet
+        # 2. phi <- psi, theta <- psi: a fake-score LoRA on the teacher's UNet (on a copy of it for a full student),
+        # and the student's LoRA on the same UNet (or every weight of it).
+        student, self.student_params, fake_score = student_and_fake_score(
+            teacher.unet, config, config.full_finetune, config.fake_lora_rank, config.fake_lora_alpha)
+        self.fake_params = list(fake_score.parameters())
+        self.nets["unet"] = student
         self.nets["fake_score"] = fake_score
         steps = teacher.schedule.num_train_timesteps
         self.t_min = round(config.min_timestep_ratio * steps)
@@ -141,23 +121,10 @@ class SwiftBrush(Method):
         """t' ~ U{0, ..., T-1} for the fake score's update (Algorithm 1, line 11)."""
         return torch.randint(0, self.teacher.schedule.num_train_timesteps, (batch_size,), device=device)
 
-    @torch.no_grad()
     def vsd_gradient(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, batch: LatentBatch) -> torch.Tensor:
-        """omega(t) (eps_psi^w(x_t, t, y) - eps_phi(x_t, t, y)): dL/dx0 of VSD (SwiftBrush, Algorithm 1, line 10).
-
-        The real score is guided in the standard form eps_u + w (eps_c - eps_u) (diffusers' pipelines, SwiftBrush's
-        and DMD2's code), which is Ho & Salimans 2022, eq. 6, (1 + w') eps_c - w' eps_u with w' = w - 1. The fake
-        score is conditional only (Algorithm 1 writes eps_phi(x_t, t, y); DMD2 keeps fake guidance at 1). With
-        scores s = -eps / sigma_t, a descent step -g = omega sigma_t (s_real - s_fake) moves the student's sample up
-        the guided teacher's log-density and down its own, i.e. it lowers KL(p_student || p_teacher).
-        """
-        fake_score = self.denoiser("fake_score")
-        with fake_score.as_teacher() as real_score:
-            w = torch.full((x_t.shape[0],), self.config.guidance_scale - 1.0, device=x_t.device)
-            x0_real, eps_real = cfg_teacher_prediction(real_score, x_t, t, batch.cond, batch.uncond, w)
-        _, eps_fake = fake_score(x_t, t, batch.cond)
-        weight = vsd_weight(self.teacher.schedule, t, x0.detach(), x0_real, self.config.weighting)
-        return weight * (eps_real - eps_fake)
+        """omega(t) (eps_psi^w - eps_phi) at x_t: dL/dx0 of VSD with this run's guidance and weighting (line 10)."""
+        return vsd_gradient(self.denoiser("fake_score"), x0, x_t, t, batch.cond, batch.uncond,
+                            self.config.guidance_scale, self.config.weighting)
 
     def student_loss(self, x0: torch.Tensor, batch: LatentBatch) -> torch.Tensor:
         """The VSD surrogate: its gradient w.r.t. the student's sample x0 is the VSD gradient (Algorithm 1, l. 7-10)."""
@@ -170,15 +137,11 @@ class SwiftBrush(Method):
 
     def fake_score_loss(self, x0: torch.Tensor, batch: LatentBatch) -> torch.Tensor:
         """Denoising score matching of the fake score on the student's detached samples (Algorithm 1, l. 11-14)."""
-        x0 = x0.detach()
         # 11. t' ~ U[0, T].
         t = self.sample_fake_timesteps(x0.shape[0], x0.device)
-        # 12-13. x_t' = alpha_t' x0 + sigma_t' eps'.
+        # 12. eps' ~ N(0, I); 13-14. ||eps_phi(alpha_t' x0 + sigma_t' eps', t', y) - eps'||^2.
         eps = torch.randn_like(x0)
-        x_t = self.teacher.schedule.add_noise(x0, eps, t)
-        # 14. ||eps_phi(x_t', t', y) - eps'||^2.
-        _, eps_fake = self.denoiser("fake_score")(x_t, t, batch.cond)
-        return distance(eps_fake, eps, "l2")
+        return fake_score_loss(self.denoiser("fake_score"), x0, t, eps, batch.cond)
 
     def loss(self, batch: LatentBatch, step: int) -> dict[str, torch.Tensor]:
         device = batch.cond.prompt_embeds.device

@@ -1,0 +1,132 @@
+"""Score distillation: what SwiftBrush and DMD2 share (a one-step generator moved along real score minus fake score).
+
+* the one-step generator x0 = f_theta(z, y): the teacher's UNet read once at t = T - 1, with a LoRA or fully tuned;
+* the real score eps_psi: the frozen teacher (every adapter off) with classifier-free guidance;
+* the fake score eps_phi: a second LoRA adapter, "fake_score", on the same UNet, so that a LoRA student keeps one UNet
+  in memory; a fully fine-tuned student changes the UNet's own weights, so its fake score is a LoRA on a copy of the
+  teacher taken before training (whose adapters off are then the real score);
+* the VSD/DMD gradient omega(t) (eps_real - eps_fake) w.r.t. x0, and the surrogate loss that has it as gradient;
+* the fake score's denoising score matching on the generator's detached samples.
+
+Student and fake score are each an ``AdapterView`` (one adapter of the shared UNet as a network of its own), so the
+trainer's optimizers, DDP wrappers and checkpoints each hold one adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from .conditioning import Cond
+from .denoiser import AdapterView, Denoiser
+from .lora import ADAPTER_NAME, DEFAULT_TARGET_MODULES, LoRASettings, add_lora, rank_warning
+from .losses import distance, score_distillation_surrogate
+from .schedule import NoiseSchedule
+from .solvers import cfg_teacher_prediction
+
+__all__ = ["FAKE_SCORE_ADAPTER", "WEIGHTINGS", "add_fake_score", "fake_score_loss", "one_step_x0", "real_score",
+           "score_distillation_surrogate", "student_and_fake_score", "vsd_gradient", "vsd_weight"]
+
+FAKE_SCORE_ADAPTER = "fake_score"
+WEIGHTINGS = ("swiftbrush", "dmd")
+logger = logging.getLogger(__name__)
+
+
+def add_fake_score(unet: torch.nn.Module, rank: int, alpha: float, target_modules: list[str] | None,
+                   separate: bool) -> AdapterView:
+    """phi <- psi: a new LoRA whose B is zero, so that it starts as the teacher (SwiftBrush, Algorithm 1, line 2).
+
+    On ``unet`` itself as adapter "fake_score", or with ``separate`` on a copy of ``unet`` taken now, before the
+    student changes anything. Everything of ``unet`` is frozen; the caller unfreezes the adapter once the student
+    is set up (peft's student LoRA freezes the whole UNet again).
+    """
+    if separate:
+        unet = copy.deepcopy(unet)
+        add_lora(unet, rank, alpha, 0.0, target_modules, rank_flag="--fake_lora_rank")
+        return AdapterView(unet, ADAPTER_NAME)
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights="gaussian",
+                        target_modules=target_modules or DEFAULT_TARGET_MODULES)
+    unet.add_adapter(config, adapter_name=FAKE_SCORE_ADAPTER)
+    return AdapterView(unet, FAKE_SCORE_ADAPTER)
+
+
+def student_and_fake_score(unet: torch.nn.Module, student: LoRASettings, full_finetune: bool, fake_rank: int,
+                           fake_alpha: float) -> tuple[torch.nn.Module, list[torch.nn.Parameter], AdapterView]:
+    """phi <- psi, theta <- psi (SwiftBrush, Algorithm 1, line 2): (student network, its trainable weights, fake score).
+
+    The student is LoRA "default" on ``unet`` (an ``AdapterView``) or, with ``full_finetune``, ``unet`` itself. The
+    fake score is made first (a copy must be the untouched teacher; the same random draws as before either way).
+    """
+    fake_score = add_fake_score(unet, fake_rank, fake_alpha, student.lora_target_modules, separate=full_finetune)
+    params = student.student_parameters(unet, full_finetune)
+    fake_score.requires_grad_(True)
+    if full_finetune:
+        return unet, params, fake_score
+    warning = rank_warning(unet, fake_rank, "--fake_lora_rank")  # the layers the student's LoRA adapts, too
+    if warning:
+        logger.warning(warning)
+    return AdapterView(unet, ADAPTER_NAME), params, fake_score
+
+
+def one_step_x0(generator: Denoiser, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """x0 = f_theta(z, y) = (z - sigma_T eps_theta(z, T)) / alpha_T at t = T - 1 (SwiftBrush, Algorithm 1, line 6)."""
+    t = torch.full((z.shape[0],), generator.schedule.num_train_timesteps - 1, dtype=torch.long, device=z.device)
+    x0, _ = generator(z, t, cond)
+    return x0
+
+
+@torch.no_grad()
+def real_score(net: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond,
+               guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guided (x0, eps) of the frozen teacher, ``net`` with every adapter off: eps_u + w (eps_c - eps_u) (Ho & Salimans
+    2022, eq. 6 with their w = w - 1), the real score eps_psi^w of SwiftBrush (Algorithm 1, line 10) and DMD (sec. 3.2).
+
+    The standard form of diffusers' pipelines and of SwiftBrush's and DMD2's code; w = 1 is the conditional score.
+    """
+    w = torch.full((x_t.shape[0],), guidance_scale - 1.0, device=x_t.device)
+    with net.as_teacher() as teacher:
+        return cfg_teacher_prediction(teacher, x_t, t, cond, uncond, w)
+
+
+def vsd_weight(schedule: NoiseSchedule, t: torch.Tensor, x0: torch.Tensor, x0_real: torch.Tensor,
+               weighting: str) -> torch.Tensor:
+    """omega(t): sigma_t^2 (SwiftBrush's code) or sigma_t / (alpha_t mean|x0 - x0_real|) (DMD, Yin et al. 2024, eq. 8).
+
+    DMD writes its gradient in x0 space, (x0_fake - x0_real) / mean|x0 - x0_real|; with x0 = (x_t - sigma_t eps) /
+    alpha_t for both scores at the same x_t this is the eps-space gradient times sigma_t / alpha_t / mean|...|.
+    """
+    sigma = schedule.sigma(t, x0)
+    if weighting == "swiftbrush":
+        return sigma**2
+    normaliser = (x0 - x0_real).abs().mean(dim=tuple(range(1, x0.dim())), keepdim=True).clamp_min(1e-8)
+    return sigma / (schedule.alpha(t, x0) * normaliser)
+
+
+@torch.no_grad()
+def vsd_gradient(fake_score: Denoiser, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
+                 uncond: Cond, guidance_scale: float, weighting: str) -> torch.Tensor:
+    """omega(t) (eps_psi^w(x_t, t, y) - eps_phi(x_t, t, y)): dL/dx0 of VSD (ProlificDreamer, Wang et al. 2023, eq. 9;
+    SwiftBrush, Algorithm 1, line 10), or of DMD's KL (Yin et al. 2024, eq. 7) with ``weighting`` "dmd".
+
+    The real score is the fake score's network with its adapters off (the teacher, whether the fake score is an adapter
+    of the student's UNet or of a copy). The fake score is conditional only (Algorithm 1 writes eps_phi(x_t, t, y);
+    DMD2 keeps fake guidance at 1). With scores s = -eps / sigma_t, a descent step -g = omega sigma_t (s_real - s_fake)
+    moves the sample up the guided teacher's log-density and down the student's own: it lowers KL(p_student||p_teacher).
+    """
+    x0_real, eps_real = real_score(fake_score, x_t, t, cond, uncond, guidance_scale)
+    _, eps_fake = fake_score(x_t, t, cond)
+    return vsd_weight(fake_score.schedule, t, x0.detach(), x0_real, weighting) * (eps_real - eps_fake)
+
+
+def fake_score_loss(fake_score: Denoiser, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                    cond: Cond) -> torch.Tensor:
+    """||eps_phi(alpha_t sg(x0) + sigma_t eps, t, y) - eps||^2: denoising score matching of the fake score on the
+    generator's samples (SwiftBrush, Algorithm 1, lines 13-14; ProlificDreamer, eq. 8; DMD, eq. 6 in eps form)."""
+    x_t = fake_score.schedule.add_noise(x0.detach(), eps, t)
+    _, eps_fake = fake_score(x_t, t, cond)
+    return distance(eps_fake, eps, "l2")
