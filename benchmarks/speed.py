@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from distill.batching import BatchEncoder
-from distill.conditioning import TextConditioner, inspect_teacher, native_resolution
+from distill.conditioning import inspect_teacher, native_resolution
 from distill.methods import METHODS, Teacher
-from distill.schedule import NoiseSchedule
+from distill.teacher import load_teacher
 from distill.tiny import build_tiny_teacher
 
 
@@ -39,21 +38,18 @@ def measure(method_name: str, teacher: Path, cached: bool, steps: int, batch_siz
     """Samples per second over ``steps`` optimisation steps after one warm-up step."""
     info = inspect_teacher(str(teacher))
     resolution = native_resolution(info)
-    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet").to(device)
-    schedule = NoiseSchedule.from_scheduler_config(DDPMScheduler.load_config(teacher, subfolder="scheduler"))
+    loaded = load_teacher(info, resolution, device=device)
     method_cls = METHODS[method_name]
     config = method_cls.Config(lora_rank=4)
-    vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae").to(device)
-    latent_size = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    method = method_cls(Teacher(unet, schedule, info, (unet.config.in_channels, latent_size, latent_size)), config)
+    method = method_cls(Teacher(loaded.network, loaded.schedule, info, loaded.latent_shape), config)
     optimizers = {k: torch.optim.AdamW(v, lr=1e-4) for k, v in method.trainable().items()}
-    encoder = BatchEncoder(vae, TextConditioner(info, resolution).to(device))
+    encoder = BatchEncoder(loaded.vae, loaded.conditioner)
     kind = method_cls.data_kind_for(config)
     raw = {"caption": [f"a handwritten digit {i}" for i in range(batch_size)]}
     if kind in ("images", "pairs"):  # pairs: stored latents stand in for the teacher's samples
         raw["pixel_values"] = torch.rand(batch_size, 3, resolution, resolution) * 2 - 1
     if kind == "pairs":
-        raw["noise"] = torch.randn(batch_size, unet.config.in_channels, latent_size, latent_size)
+        raw["noise"] = torch.randn(batch_size, *loaded.latent_shape)
     if cached and kind in ("images", "pairs"):
         batch = encoder(raw, device)
         raw = {"latents": batch.latents, "prompt_embeds": batch.cond.prompt_embeds, "noise": batch.noise,

@@ -15,16 +15,10 @@ from .data import ImageDataConfig
 from .errors import DistillError
 from .methods import get_method
 from .stop_signals import TrainingStopped
-from .trainer import Trainer, TrainConfig
+from .trainer import Trainer, TrainConfig, started_as_module
 
 # Each flag's help is its dataclass field's metadata["help"] (metadata["help_off"] for the --no_X flag of a boolean
-# that defaults to True); HELP covers the fields declared without one (CFGSolverSettings in distill/solvers.py).
-HELP = {
-    "w_min": "Minimum guidance scale w sampled for the CFG-augmented teacher ((1+w) cond - w uncond).",
-    "w_max": "Maximum guidance scale w sampled for the CFG-augmented teacher.",
-    "num_ddim_timesteps": "N, the number of points on the teacher's DDIM skipping-step grid (at most the teacher's "
-                          "training timesteps).",
-}
+# that defaults to True); tests/test_cli_help.py checks that no flag lacks one.
 # Flags of diffusers' scripts that this toolkit accepts under the same name but handles elsewhere or ignores.
 ALIASES = {"train_shards_path_or_url": "train_data_dir"}
 ACCEPTED_NO_EFFECT = {
@@ -54,7 +48,7 @@ def _parse_mapping(text: str) -> dict:
 
 def field_help(f: dataclasses.Field, off: bool = False) -> str:
     """The help of a field's flag (``off``: of the --no_X flag that turns a default-True boolean off)."""
-    text = f.metadata.get("help") or HELP.get(f.name, "")  # tests/test_cli_help.py checks that none is missing
+    text = f.metadata.get("help", "")
     if off:
         return f.metadata.get("help_off") or f"Turn this off (it is on by default): {text}"
     return text
@@ -94,7 +88,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, seen: set[str]) ->
 def build_parser(method_name: str) -> argparse.ArgumentParser:
     """The parser for one method's command line."""
     method_cls = get_method(method_name)
-    parser = argparse.ArgumentParser(description=f"Distil an SD/SDXL teacher with {method_name}.")
+    prog = f"python -m distill {method_name}" if started_as_module() else None  # None: the script's file name
+    parser = argparse.ArgumentParser(prog=prog, description=f"Distil an SD/SDXL teacher with {method_name}.")
     seen: set[str] = set()
     for cls in (TrainConfig, ImageDataConfig, method_cls.Config):
         add_dataclass_flags(parser, cls, seen)

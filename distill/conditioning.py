@@ -1,9 +1,10 @@
-"""The only module that knows SD 1.x/2.x from SDXL.
+"""Text conditioning: the :class:`Cond` methods pass around opaquely, and each teacher family's text conditioner.
 
 SD conditions its UNet on one CLIP text encoder's last hidden state. SDXL concatenates the
 penultimate hidden states of two encoders, adds the second encoder's pooled projection and six
 "micro-conditioning" time ids (original size, crop top-left, target size) through
-``added_cond_kwargs`` (Podell et al. 2023, SDXL, sec. 2.2). Methods only ever see :class:`Cond`.
+``added_cond_kwargs`` (Podell et al. 2023, SDXL, sec. 2.2). Which conditioner a teacher gets is decided by its
+family (distill/families.py); methods only ever see :class:`Cond`. Also here: reading and vetting a teacher folder.
 """
 
 from __future__ import annotations
@@ -13,37 +14,49 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .errors import DistillError
 
-SD = "sd"
-SDXL = "sdxl"
+if TYPE_CHECKING:
+    from .families import TeacherFamily
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Cond:
-    """Text conditioning for a batch, opaque to methods: pass it to the denoiser as is."""
+    """Conditioning for a batch, opaque to methods: pass it to the denoiser as is.
+
+    ``extra`` holds further per-sample network inputs, passed straight into the network call by name (as
+    k-diffusion's ``extra_args``): a step-size or guidance embedding needs no change to the denoiser.
+    """
 
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def unet_kwargs(self) -> dict:
-        """Keyword arguments for ``UNet2DConditionModel.forward``."""
-        kwargs: dict = {"encoder_hidden_states": self.prompt_embeds}
+        """Keyword arguments for the network's forward (``UNet2DConditionModel.forward``), ``extra`` included."""
+        kwargs: dict = {"encoder_hidden_states": self.prompt_embeds, **self.extra}
         if self.pooled_prompt_embeds is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled_prompt_embeds, "time_ids": self.time_ids}
         return kwargs
 
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Cond":
+        """The condition with ``fn`` applied to every tensor, ``extra`` included (absent ones stay None)."""
+        return Cond(*(None if t is None else fn(t) for t in self.tensors()),
+                    extra={name: fn(t) for name, t in self.extra.items()})
+
     def to(self, device=None, dtype=None) -> "Cond":
-        """Move (and cast) every tensor of the condition."""
-        return Cond(*(None if t is None else t.to(device=device, dtype=dtype) for t in self.tensors()))
+        """Move every tensor of the condition, casting the floating-point ones to ``dtype``."""
+        return self.map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
     def tensors(self) -> tuple:
+        """The text tensors in constructor order (prompt, pooled, time ids); ``extra`` is kept by name."""
         return (self.prompt_embeds, self.pooled_prompt_embeds, self.time_ids)
 
     def where(self, mask: torch.Tensor, other: "Cond") -> "Cond":
@@ -53,37 +66,48 @@ class Cond:
             if a is None:
                 return None
             m = mask.view(-1, *([1] * (a.dim() - 1))).to(a.device)
-            return torch.where(m, a, b.to(a.dtype))
+            return torch.where(m, a, b.to(a.device, a.dtype))
 
-        return Cond(*(pick(a, b) for a, b in zip(self.tensors(), other.tensors())))
+        _same_extra([self, other])
+        return Cond(*(pick(a, b) for a, b in zip(self.tensors(), other.tensors())),
+                    extra={name: pick(t, other.extra[name]) for name, t in self.extra.items()})
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
     def __getitem__(self, index) -> "Cond":
-        return Cond(*(None if t is None else t[index] for t in self.tensors()))
+        """The samples ``index`` selects, in every tensor alike."""
+        return self.map(lambda t: t[index])
 
     @staticmethod
     def cat(conds: list["Cond"]) -> "Cond":
-        """Concatenate along the batch dimension."""
+        """Concatenate along the batch dimension (every condition must carry the same ``extra`` inputs)."""
         columns = zip(*(c.tensors() for c in conds))
-        return Cond(*(None if col[0] is None else torch.cat(col) for col in columns))
+        extra = {name: torch.cat([c.extra[name] for c in conds]) for name in _same_extra(conds)}
+        return Cond(*(None if col[0] is None else torch.cat(col) for col in columns), extra=extra)
+
+
+def _same_extra(conds: list[Cond]) -> list[str]:
+    """The names of the extra inputs the conditions share; a ValueError when they differ (rows would misalign)."""
+    names = [sorted(c.extra) for c in conds]
+    if any(n != names[0] for n in names):
+        raise ValueError(f"conditions with different extra inputs cannot be combined: {names}")
+    return names[0]
 
 
 @dataclass
 class TeacherInfo:
-    """What a teacher folder is: its family and the names of its components."""
+    """What a teacher folder is: its family (distill/families.py) and what model_index.json says of it."""
 
     path: str
-    family: str
-    text_encoders: list[str] = field(default_factory=list)
-    tokenizers: list[str] = field(default_factory=list)
+    family_spec: TeacherFamily
     force_zeros_for_empty_prompt: bool = False
     name: str = ""  # the folder or Hub id as the user gave it (``path`` is the resolved local folder)
 
     @property
-    def is_sdxl(self) -> bool:
-        return self.family == SDXL
+    def family(self) -> str:
+        """The family's name ("sd", "sdxl"), as distill_config.json, checkpoints and pairs.json record it."""
+        return self.family_spec.name
 
 
 def inspect_teacher(path: str, cache_dir: str | None = None, revision: str | None = None) -> TeacherInfo:
@@ -101,28 +125,13 @@ def inspect_teacher(path: str, cache_dir: str | None = None, revision: str | Non
         index = json.loads(index_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DistillError(f"{index_file} is damaged (not valid JSON). Re-download the teacher.") from None
-    components = {k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None}  # [null, null]: absent
-    needed = {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
-    missing = sorted(needed - components)
-    if missing:
-        raise DistillError(
-            f"{path} ({index.get('_class_name')}) is not a Stable Diffusion or SDXL pipeline: it has no "
-            f"{', '.join(missing)}. Only SD 1.x/2.x and SDXL text-to-image teachers can be distilled."
-        )
-    if "text_encoder_2" in components and index["text_encoder_2"][0] is not None:
-        info = TeacherInfo(
-            str(folder), SDXL, ["text_encoder", "text_encoder_2"], ["tokenizer", "tokenizer_2"],
-            bool(index.get("force_zeros_for_empty_prompt", True)), name=str(path),
-        )
-    else:
-        info = TeacherInfo(str(folder), SD, ["text_encoder"], ["tokenizer"], name=str(path))
-    _check_components_agree(info, path)
-    for component in ("unet", "vae", *info.text_encoders):
+    from .families import detect_family  # families.py builds on this module's conditioners
+
+    family = detect_family(folder, index, path)
+    info = TeacherInfo(str(folder), family, family.force_zeros(index), name=str(path))
+    for component in (family.network_subfolder, "vae", *family.text_encoders):
         _check_weight_files(folder / component)
     return info
-
-
-FAMILY_NAMES = {SD: "SD 1.x/2.x", SDXL: "SDXL"}
 
 
 def component_config(folder: Path, component: str, path: str) -> dict:
@@ -136,46 +145,6 @@ def component_config(folder: Path, component: str, path: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DistillError(f"{file} is damaged (not valid JSON). Re-download the teacher's {component}/ "
                            "folder.") from None
-
-
-def _check_components_agree(info: TeacherInfo, path: str) -> None:
-    """Refuse a folder whose UNet does not belong to its text encoders (e.g. an SDXL unet/ inside an SD folder).
-
-    SDXL's UNet takes ``added_cond_kwargs`` (addition_embed_type "text_time": pooled embeds of text_encoder_2 and
-    six time ids) and cross-attends to both encoders' states concatenated; SD's takes neither (Podell et al. 2023).
-    """
-    folder = Path(info.path)
-    unet = component_config(folder, "unet", path)
-    encoders = [component_config(folder, name, path) for name in info.text_encoders]
-    problems = []
-    text_time = unet.get("addition_embed_type") == "text_time"
-    if text_time and not info.is_sdxl:
-        problems.append("unet/config.json is an SDXL UNet (addition_embed_type 'text_time') but model_index.json "
-                        "has no text_encoder_2, as in SD 1.x/2.x")
-    if info.is_sdxl and not text_time:
-        problems.append(f"unet/config.json is an SD 1.x/2.x UNet (addition_embed_type "
-                        f"{unet.get('addition_embed_type')!r}, not 'text_time') but model_index.json has "
-                        "text_encoder_2, as in SDXL")
-    widths = [e.get("hidden_size") for e in encoders]
-    cross = unet.get("cross_attention_dim")
-    if all(isinstance(w, int) for w in widths) and cross is not None:
-        width = sum(widths)
-        if any(c != width for c in (cross if isinstance(cross, (list, tuple)) else [cross])):
-            sources = " + ".join(f"{name} hidden_size {w}" for name, w in zip(info.text_encoders, widths))
-            problems.append(f"the UNet cross-attends to {cross}-wide text embeddings (cross_attention_dim) but the "
-                            f"text encoders give {width} ({sources})")
-    projection = encoders[-1].get("projection_dim")
-    if info.is_sdxl and text_time and None not in (projection, unet.get("addition_time_embed_dim"),
-                                                   unet.get("projection_class_embeddings_input_dim")):
-        expected = projection + 6 * unet["addition_time_embed_dim"]
-        if unet["projection_class_embeddings_input_dim"] != expected:
-            problems.append(f"the UNet's projection_class_embeddings_input_dim is "
-                            f"{unet['projection_class_embeddings_input_dim']}, but text_encoder_2's pooled "
-                            f"projection ({projection}) and six time ids give {expected}")
-    if problems:
-        raise DistillError(f"{path} mixes components of different models: {'; '.join(problems)}. Replace the "
-                           "mismatched folder (usually unet/) with the one from the same model, or re-download the "
-                           "complete teacher.")
 
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")  # what from_pretrained reads, no variant
@@ -265,25 +234,37 @@ def _resolve_hub_snapshot(repo_id: str, cache_dir: str | None, revision: str | N
 
 
 class TextConditioner:
-    """Tokenizers and frozen text encoders of a teacher, turning prompts into :class:`Cond`."""
+    """Tokenizers and frozen text encoders of a teacher, turning prompts into :class:`Cond`.
 
+    ``TextConditioner(info, ...)`` builds the conditioner class of ``info``'s family (as ``pathlib.Path(...)``
+    builds a ``PosixPath``); each subclass says how its family's encoder outputs become a Cond.
+    """
+
+    encoder_classes: tuple[str, ...] = ()  # transformers classes of the family's text encoders, in order
+    output_hidden_states = False  # whether encode reads intermediate hidden states
     truncation_warned = False  # the over-long caption warning is logged once per conditioner (one per run)
 
+    def __new__(cls, info: TeacherInfo | None = None, *args, **kwargs):
+        if cls is TextConditioner and info is not None:
+            cls = info.family_spec.conditioner
+        return super().__new__(cls)
+
     def __init__(self, info: TeacherInfo, resolution: int, dtype=torch.float32, revision: str | None = None):
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+        import transformers
+        from transformers import AutoTokenizer
 
         self.info = info
         self.resolution = resolution
         self.tokenizers = [AutoTokenizer.from_pretrained(info.path, subfolder=n, revision=revision)
-                           for n in info.tokenizers]
-        classes = [CLIPTextModel, CLIPTextModelWithProjection][: len(info.text_encoders)]
+                           for n in info.family_spec.tokenizers]
         self.text_encoders = [
-            cls.from_pretrained(info.path, subfolder=name, revision=revision, torch_dtype=dtype)
+            getattr(transformers, cls).from_pretrained(info.path, subfolder=name, revision=revision, torch_dtype=dtype)
             .requires_grad_(False).eval()
-            for cls, name in zip(classes, info.text_encoders)
+            for cls, name in zip(self.encoder_classes, info.family_spec.text_encoders, strict=True)
         ]
 
     def to(self, device) -> "TextConditioner":
+        """Move the text encoders to ``device``."""
         for encoder in self.text_encoders:
             encoder.to(device)
         return self
@@ -292,35 +273,33 @@ class TextConditioner:
     def device(self):
         return self.text_encoders[0].device
 
-    @torch.no_grad()
     def encode(self, prompts: list[str], original_size=None, crop_top_left=None) -> Cond:
-        """Encode prompts (SD: last hidden state; SDXL: penultimate states of both encoders + pooled + time ids)."""
-        if not self.info.is_sdxl:
-            return Cond(self._hidden_states(0, prompts).last_hidden_state)
-        outputs = [self._hidden_states(i, prompts) for i in range(2)]
-        prompt_embeds = torch.cat([o.hidden_states[-2] for o in outputs], dim=-1)
-        pooled = outputs[1].text_embeds
-        return Cond(prompt_embeds, pooled, self.time_ids(len(prompts), original_size, crop_top_left))
+        """The condition of each prompt (``original_size``/``crop_top_left``: per-image sizes, where the family
+        conditions on them)."""
+        raise NotImplementedError
+
+    def empty_prompt(self) -> Cond:
+        """The condition of the empty prompt, for one sample."""
+        return self.encode([""])
 
     def unconditional(self, batch_size: int) -> Cond:
-        """The CFG 'empty prompt' condition (SDXL teachers use zeros when force_zeros_for_empty_prompt)."""
-        empty = self.encode([""])
-        if self.info.is_sdxl and self.info.force_zeros_for_empty_prompt:
-            empty = Cond(torch.zeros_like(empty.prompt_embeds), torch.zeros_like(empty.pooled_prompt_embeds),
-                         empty.time_ids)
-        return Cond(*(None if t is None else t.expand(batch_size, *t.shape[1:]).clone() for t in empty.tensors()))
+        """The CFG 'empty prompt' condition, repeated ``batch_size`` times."""
+        return self.empty_prompt().map(lambda t: t.expand(batch_size, *t.shape[1:]).clone())
 
-    def time_ids(self, batch_size: int, original_size=None, crop_top_left=None) -> torch.Tensor:
-        """SDXL micro-conditioning (original_size, crop_top_left, target_size) per sample."""
-        target = torch.tensor([self.resolution, self.resolution], dtype=torch.float32)
-        if original_size is None:
-            original_size = target.expand(batch_size, 2)
-        if crop_top_left is None:
-            crop_top_left = torch.zeros(batch_size, 2)
-        ids = torch.cat([torch.as_tensor(original_size).float().view(batch_size, 2),
-                         torch.as_tensor(crop_top_left).float().view(batch_size, 2),
-                         target.expand(batch_size, 2)], dim=1)
-        return ids.to(self.device)
+    @classmethod
+    def config_problems(cls, network: dict, encoders: dict[str, dict]) -> list[str]:
+        """What in the network's config does not fit this conditioner's output (the text embeddings' width), given
+        the text encoders' configs by component name; an empty list when they fit."""
+        widths = [e.get("hidden_size") for e in encoders.values()]
+        cross = network.get("cross_attention_dim")
+        if not all(isinstance(w, int) for w in widths) or cross is None:
+            return []
+        width = sum(widths)
+        if all(c == width for c in (cross if isinstance(cross, (list, tuple)) else [cross])):
+            return []
+        sources = " + ".join(f"{name} hidden_size {w}" for name, w in zip(encoders, widths))
+        return [f"the UNet cross-attends to {cross}-wide text embeddings (cross_attention_dim) but the text encoders "
+                f"give {width} ({sources})"]
 
     def _warn_truncated(self, tokenizer, prompts: list[str]) -> None:
         """Log once how many captions of a batch exceed the tokenizer's model_max_length and so are truncated."""
@@ -343,19 +322,75 @@ class TextConditioner:
             self._warn_truncated(tokenizer, prompts)
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
-        return encoder(ids.to(encoder.device), output_hidden_states=self.info.is_sdxl)
+        return encoder(ids.to(encoder.device), output_hidden_states=self.output_hidden_states)
+
+
+class SDTextConditioner(TextConditioner):
+    """SD 1.x/2.x: the last hidden state of one CLIP text encoder (Rombach et al. 2022, sec. 3.3)."""
+
+    encoder_classes = ("CLIPTextModel",)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], original_size=None, crop_top_left=None) -> Cond:
+        """The text encoder's last hidden state per prompt (image sizes are not conditioned on)."""
+        return Cond(self._hidden_states(0, prompts).last_hidden_state)
+
+
+class SDXLTextConditioner(TextConditioner):
+    """SDXL: penultimate states of two CLIP encoders, the second one's pooled projection and six micro-conditioning
+    time ids (Podell et al. 2023, sec. 2.1-2.2)."""
+
+    encoder_classes = ("CLIPTextModel", "CLIPTextModelWithProjection")
+    output_hidden_states = True
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], original_size=None, crop_top_left=None) -> Cond:
+        """Both encoders' penultimate states concatenated, the pooled projection and the time ids per prompt."""
+        outputs = [self._hidden_states(i, prompts) for i in range(2)]
+        prompt_embeds = torch.cat([o.hidden_states[-2] for o in outputs], dim=-1)
+        pooled = outputs[1].text_embeds
+        return Cond(prompt_embeds, pooled, self.time_ids(len(prompts), original_size, crop_top_left))
+
+    def empty_prompt(self) -> Cond:
+        """The empty prompt's condition; zeros when the teacher sets force_zeros_for_empty_prompt (as SDXL does)."""
+        empty = self.encode([""])
+        if not self.info.force_zeros_for_empty_prompt:
+            return empty
+        return Cond(torch.zeros_like(empty.prompt_embeds), torch.zeros_like(empty.pooled_prompt_embeds),
+                    empty.time_ids)
+
+    def time_ids(self, batch_size: int, original_size=None, crop_top_left=None) -> torch.Tensor:
+        """SDXL micro-conditioning (original_size, crop_top_left, target_size) per sample."""
+        target = torch.tensor([self.resolution, self.resolution], dtype=torch.float32)
+        if original_size is None:
+            original_size = target.expand(batch_size, 2)
+        if crop_top_left is None:
+            crop_top_left = torch.zeros(batch_size, 2)
+        ids = torch.cat([torch.as_tensor(original_size).float().view(batch_size, 2),
+                         torch.as_tensor(crop_top_left).float().view(batch_size, 2),
+                         target.expand(batch_size, 2)], dim=1)
+        return ids.to(self.device)
+
+    @classmethod
+    def config_problems(cls, network: dict, encoders: dict[str, dict]) -> list[str]:
+        """The width check, plus: the UNet's added embedding must take the last encoder's pooled projection and
+        six time ids (projection_class_embeddings_input_dim = projection_dim + 6 * addition_time_embed_dim)."""
+        problems = super().config_problems(network, encoders)
+        projection = list(encoders.values())[-1].get("projection_dim")
+        time_dim = network.get("addition_time_embed_dim")
+        added_in = network.get("projection_class_embeddings_input_dim")
+        if None not in (projection, time_dim, added_in) and added_in != projection + 6 * time_dim:
+            problems.append(f"the UNet's projection_class_embeddings_input_dim is {added_in}, but "
+                            f"{list(encoders)[-1]}'s pooled projection ({projection}) and six time ids give "
+                            f"{projection + 6 * time_dim}")
+        return problems
 
 
 def native_resolution(info: TeacherInfo) -> int:
-    """The image size the teacher was trained at: UNet sample size times the VAE's downsampling factor."""
-    unet = json.loads((Path(info.path) / "unet" / "config.json").read_text())
-    vae = json.loads((Path(info.path) / "vae" / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    """The image size the teacher was trained at (its family reads it from the network and VAE configs)."""
+    return info.family_spec.native_resolution(info.path)
 
 
 def pipeline_class(info: TeacherInfo):
-    """The stock diffusers pipeline class for this teacher family."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if info.is_sdxl else StableDiffusionPipeline
-
+    """The stock diffusers pipeline class of the teacher's family."""
+    return info.family_spec.pipeline_class()

@@ -96,9 +96,29 @@ class AdapterView(torch.nn.Module):
         return output
 
     def activated(self) -> torch.nn.Module:
-        """The shared UNet, left with only this adapter on, for code that calls it directly (validation, export)."""
+        """The shared UNet, left with only this adapter on, for code that calls it directly (validation, export).
+
+        A UNet in half precision (mixed-precision training) then runs as the networks accelerate prepared do: under
+        autocast, with float32 outputs. accelerate prepares the views, not the UNet they share, and a stock SDXL
+        pipeline fails on a half-precision UNet's latents with the float32 VAE the trainer keeps for SDXL.
+        """
         switch_adapter(self.unet, self.adapter)
+        if self.unet.dtype in (torch.float16, torch.bfloat16) and "forward" not in self.unet.__dict__:
+            self.unet.forward = _autocast_forward(self.unet)
         return self.unet
+
+
+def _autocast_forward(unet: torch.nn.Module):
+    """``unet.forward`` under autocast to the UNet's own dtype, with float32 outputs (accelerate's mixed precision)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    forward = unet.forward
+
+    def run(*args, **kwargs):
+        with torch.autocast(unet.device.type, dtype=unet.dtype):
+            return forward(*args, **kwargs)
+
+    return convert_outputs_to_fp32(run)
 
 
 def _register(root: torch.nn.Module, path: str, value: torch.nn.Module | torch.nn.Parameter) -> None:

@@ -2,48 +2,48 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .conditioning import TeacherInfo, TextConditioner, pipeline_class
+from .conditioning import TeacherInfo, TextConditioner
 from .lora import KOHYA_WEIGHT_NAME, check_lora_base, save_lora
 
-PIPELINE_MODULE = "pipeline_few_step"
-PIPELINE_CLASSES = {False: "FewStepStableDiffusionPipeline", True: "FewStepStableDiffusionXLPipeline"}
+if TYPE_CHECKING:
+    from .methods.base import SamplingSpec
+
+PIPELINE_MODULE = "pipeline_few_step"  # the file in pipelines/ holding each family's few_step_pipeline class
 SCHEDULER_SUBFOLDER = "scheduler"
 FULL_UNET_SUBFOLDER = "unet"  # where a fully fine-tuned student's UNet goes instead of LoRA weights
 SCHEDULER_FILES = {"LCMScheduler": None,  # scheduler class -> file in distill.pipelines when not a stock class
                    "PCMScheduler": "scheduler_pcm"}
 
 
-def student_scheduler(teacher_scheduler_config, defaults: dict):
+def student_scheduler(teacher_scheduler_config, sampling: SamplingSpec):
     """The scheduler the student samples with, configured from the teacher's betas and the method's overrides."""
     import importlib
 
     import diffusers
 
-    name = defaults["scheduler"]
+    name = sampling.scheduler
     if hasattr(diffusers, name):
         cls = getattr(diffusers, name)
     else:  # a custom scheduler shipped in distill.pipelines (and copied into exported folders)
         cls = getattr(importlib.import_module(f"distill.pipelines.{SCHEDULER_FILES[name]}"), name)
-    return cls.from_config(teacher_scheduler_config, **defaults.get("scheduler_config", {}))
+    return cls.from_config(teacher_scheduler_config, **sampling.scheduler_config)
 
 
 def student_pipeline(info: TeacherInfo, unet, vae, conditioner: TextConditioner, scheduler):
-    """A stock SD/SDXL pipeline assembled from in-memory components (for validation images)."""
-    components = dict(vae=vae, unet=unet, scheduler=scheduler, tokenizer=conditioner.tokenizers[0],
-                      text_encoder=conditioner.text_encoders[0])
-    if info.is_sdxl:
-        components.update(tokenizer_2=conditioner.tokenizers[1], text_encoder_2=conditioner.text_encoders[1],
-                          force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt)
-    else:
-        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = pipeline_class(info)(**components)
+    """The family's stock pipeline assembled from in-memory components (for validation images)."""
+    family = info.family_spec
+    pipe = family.pipeline_class()(vae=vae, unet=unet, scheduler=scheduler, **family.text_components(conditioner),
+                                   **family.pipeline_kwargs(info))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -53,7 +53,8 @@ def is_lora_student(unet) -> bool:
     return bool(getattr(getattr(unet, "module", unet), "peft_config", None))
 
 
-def export_lora_folder(folder: Path, unet, info: TeacherInfo, scheduler, defaults: dict, run_config: dict) -> Path:
+def export_lora_folder(folder: Path, unet, info: TeacherInfo, scheduler, sampling: SamplingSpec,
+                       run_config: dict) -> Path:
     """``pytorch_lora_weights.safetensors`` (or ``unet/`` for a fully fine-tuned student) + ``scheduler/`` +
     ``distill_config.json``: what a stock pipeline needs to sample from the student."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,14 +63,14 @@ def export_lora_folder(folder: Path, unet, info: TeacherInfo, scheduler, default
     else:
         getattr(unet, "module", unet).save_pretrained(folder / FULL_UNET_SUBFOLDER)
     scheduler.save_pretrained(folder / SCHEDULER_SUBFOLDER)
-    sampling = {k: defaults[k] for k in ("scheduler", "num_inference_steps", "guidance_scale")}
-    record = {**run_config, "teacher_family": info.family, "sampling": sampling}  # check_lora_base reads the family
+    recorded = {k: v for k, v in asdict(sampling).items() if k != "scheduler_config"}  # that one is in scheduler/
+    record = {**run_config, "teacher_family": info.family, "sampling": recorded}  # check_lora_base reads the family
     (folder / "distill_config.json").write_text(json.dumps(record, indent=2, default=str))
     return folder
 
 
 def export_pipeline_folder(folder: Path, teacher_path: str, info: TeacherInfo, lora_folder: Path, scheduler,
-                           defaults: dict, torch_dtype=torch.float32) -> Path:
+                           sampling: SamplingSpec, torch_dtype=torch.float32) -> Path:
     """A folder ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` samples from in 1-4 steps.
 
     The teacher is loaded, the LoRA fused into its UNet (or the UNet replaced by a fully fine-tuned one), the
@@ -77,7 +78,7 @@ def export_pipeline_folder(folder: Path, teacher_path: str, info: TeacherInfo, l
     diffusers) copied in and named in model_index.json.
     """
     check_lora_base(lora_folder, info)
-    base = pipeline_class(info).from_pretrained(teacher_path, dtype=torch_dtype)
+    base = info.family_spec.pipeline_class().from_pretrained(teacher_path, dtype=torch_dtype)
     if (lora_folder / FULL_UNET_SUBFOLDER).is_dir():
         from diffusers import UNet2DConditionModel
 
@@ -88,17 +89,14 @@ def export_pipeline_folder(folder: Path, teacher_path: str, info: TeacherInfo, l
         base.fuse_lora()
         base.unload_lora_weights()
     components = {k: v for k, v in base.components.items() if k not in ("safety_checker", "feature_extractor")}
-    components["scheduler"] = scheduler
-    extra = {} if info.is_sdxl else {"requires_safety_checker": False}
-    if info.is_sdxl:
-        extra["force_zeros_for_empty_prompt"] = info.force_zeros_for_empty_prompt
+    components.update(scheduler=scheduler, **info.family_spec.pipeline_kwargs(info))
     pipe_cls = _load_few_step_class(info)
-    pipe = pipe_cls(**components, **extra, default_num_inference_steps=defaults["num_inference_steps"],
-                    default_guidance_scale=defaults["guidance_scale"])
+    pipe = pipe_cls(**components, default_num_inference_steps=sampling.num_inference_steps,
+                    default_guidance_scale=sampling.guidance_scale)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
-    _install_custom_code(tmp, info, defaults)
+    _install_custom_code(tmp, info, sampling)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
     return folder
@@ -108,26 +106,27 @@ def _load_few_step_class(info: TeacherInfo):
     """The shipped pipeline class, imported from the very file that is copied into exported folders."""
     from . import pipelines  # the repository's pipelines/ folder, installed as distill.pipelines
 
-    module = __import__(f"{pipelines.__name__}.{PIPELINE_MODULE}", fromlist=[PIPELINE_CLASSES[info.is_sdxl]])
-    return getattr(module, PIPELINE_CLASSES[info.is_sdxl])
+    name = info.family_spec.few_step_pipeline
+    return getattr(__import__(f"{pipelines.__name__}.{PIPELINE_MODULE}", fromlist=[name]), name)
 
 
-def _install_custom_code(folder: Path, info: TeacherInfo, defaults: dict) -> None:
+def _install_custom_code(folder: Path, info: TeacherInfo, sampling: SamplingSpec) -> None:
     """Copy the pipeline (and custom scheduler) source into ``folder`` and point model_index.json at them."""
     source = resources.files("distill.pipelines")
     (folder / f"{PIPELINE_MODULE}.py").write_text(source.joinpath(f"{PIPELINE_MODULE}.py").read_text())
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text())
-    index["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASSES[info.is_sdxl]]
-    scheduler_file = SCHEDULER_FILES.get(defaults["scheduler"])
+    index["_class_name"] = [PIPELINE_MODULE, info.family_spec.few_step_pipeline]
+    scheduler_file = SCHEDULER_FILES.get(sampling.scheduler)
     if scheduler_file is not None:
         target = folder / SCHEDULER_SUBFOLDER / f"{scheduler_file}.py"
         target.write_text(source.joinpath(f"{scheduler_file}.py").read_text())
-        index["scheduler"] = [scheduler_file, defaults["scheduler"]]
+        index["scheduler"] = [scheduler_file, sampling.scheduler]
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 SAMPLES_FILE = "samples.png"  # the last validation grid, copied next to the model card
+GENERIC_CARD = "generic.md"  # the model card template of a method without model_cards/<method>.md
 PIPELINE_SUBFOLDER = "pipeline"
 # What a LoRA/student folder holds for the Hub: weights (diffusers and kohya keys, or a full UNet), the scheduler,
 # the card, its sample grid and the run's settings. Anything else in output_dir (checkpoint-N/, logs/, cache/,
@@ -162,34 +161,48 @@ def _table_rows(values: dict | None) -> str:
     return "\n".join(f"| {k} | {v} |" for k, v in sorted((values or {}).items()))
 
 
-def write_model_card(folder: Path, method: str, info: TeacherInfo, teacher_id: str, defaults: dict,
+def card_template(method: str) -> str:
+    """The text of ``model_cards/<method>.md``, or of ``model_cards/generic.md`` for a method without its own."""
+    cards = resources.files("distill.model_cards")
+    own = cards.joinpath(f"{method}.md")
+    return (own if own.is_file() else cards.joinpath(GENERIC_CARD)).read_text()
+
+
+def method_description(method_cls: type) -> str | None:
+    """What the generic card says about a method: its class docstring (not one inherited from the base class)."""
+    doc = method_cls.__dict__.get("__doc__")
+    return inspect.cleandoc(doc) if doc else None
+
+
+def write_model_card(folder: Path, method: str, info: TeacherInfo, teacher_id: str, sampling: SamplingSpec,
                      hyperparameters: dict, metrics: dict | None = None, repo_id: str | None = None,
                      samples: str | None = None, pipeline_subfolder: str | None = None,
-                     kohya_file: str | None = None) -> Path:
-    """``README.md`` from ``model_cards/<method>.md`` (huggingface_hub ModelCard): usage with the right scheduler,
-    steps and guidance, hyperparameters, metrics and, when given, the sample grid and the pipeline folder."""
+                     kohya_file: str | None = None, description: str | None = None) -> Path:
+    """``README.md`` from ``model_cards/<method>.md`` or the generic template (huggingface_hub ModelCard): usage
+    with the right scheduler, steps and guidance, hyperparameters, metrics and, when given, the method's description,
+    the sample grid and the pipeline folder."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    template = resources.files("distill.model_cards").joinpath(f"{method}.md").read_text()
+    template = card_template(method)
     data = ModelCardData(library_name="diffusers", base_model=teacher_id, license="other",
                          tags=["text-to-image", "diffusers", "lora", "distillation", method])
-    pipeline_name = "StableDiffusionXLPipeline" if info.is_sdxl else "StableDiffusionPipeline"
     card = ModelCard.from_template(
         data,
         template_str=template,
         method=method,
         teacher=teacher_id,
-        pipeline_class=pipeline_name,
-        scheduler=defaults["scheduler"],
-        scheduler_import=_scheduler_import(defaults["scheduler"]),
-        steps=defaults["num_inference_steps"],
-        guidance=defaults["guidance_scale"],
+        pipeline_class=info.family_spec.stock_pipeline,
+        scheduler=sampling.scheduler,
+        scheduler_import=_scheduler_import(sampling.scheduler),
+        steps=sampling.num_inference_steps,
+        guidance=sampling.guidance_scale,
         hyperparameters=_table_rows(hyperparameters),
         metrics=_table_rows(metrics) or "| not measured | |",
         repo_id=repo_id or "<this repo>",
         samples=samples,
         pipeline_subfolder=pipeline_subfolder,
         kohya_file=kohya_file,
+        description=description,
     )
     path = folder / "README.md"
     card.save(path)
@@ -218,13 +231,12 @@ def export_student(output_dir: Path, method, unet, teacher, cfg, plan) -> None:
     """Everything a finished run writes: LoRA folder (kohya keys too unless --export_format diffusers), sample grid,
     model card, optional pipeline folder (output_dir/pipeline), optional upload to the Hub."""
     import logging
-    from dataclasses import asdict
 
     from .lora import save_lora_kohya
 
-    defaults = method.export_defaults()
-    scheduler = student_scheduler(teacher.scheduler_config, defaults)
-    export_lora_folder(output_dir, unet, teacher.info, scheduler, defaults,
+    sampling = method.export_defaults()
+    scheduler = student_scheduler(teacher.scheduler_config, sampling)
+    export_lora_folder(output_dir, unet, teacher.info, scheduler, sampling,
                        {"method": plan.method, **plan.scalar_settings()})
     kohya = None
     if cfg.export_format != "diffusers":
@@ -238,12 +250,13 @@ def export_student(output_dir: Path, method, unet, teacher, cfg, plan) -> None:
     hyper.update(learning_rate=cfg.learning_rate, train_batch_size=cfg.train_batch_size,
                  max_train_steps=cfg.max_train_steps, resolution=plan.resolution)
     with_pipeline = cfg.export_pipeline and (cfg.hub_include_pipeline or not cfg.push_to_hub)
-    write_model_card(output_dir, plan.method, teacher.info, cfg.pretrained_teacher_model, defaults, hyper,
+    write_model_card(output_dir, plan.method, teacher.info, cfg.pretrained_teacher_model, sampling, hyper,
                      repo_id=cfg.hub_model_id if cfg.push_to_hub else None, samples=samples.name if samples else None,
-                     pipeline_subfolder=PIPELINE_SUBFOLDER if with_pipeline else None, kohya_file=kohya)
+                     pipeline_subfolder=PIPELINE_SUBFOLDER if with_pipeline else None, kohya_file=kohya,
+                     description=method_description(type(method)))
     if cfg.export_pipeline:
         export_pipeline_folder(output_dir / PIPELINE_SUBFOLDER, teacher.info.path, teacher.info, output_dir, scheduler,
-                               defaults)
+                               sampling)
     if cfg.push_to_hub:
         push_to_hub(output_dir, cfg.hub_model_id, cfg.hub_token, private=cfg.hub_private_repo,
                     include_pipeline=cfg.hub_include_pipeline)

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import torch
 
-from .conditioning import SD, SDXL, TeacherInfo, pipeline_class
+from .conditioning import TeacherInfo, component_config
 from .errors import DistillError
+from .families import FAMILIES, UNET_LORA_TARGETS, family_label, get_family
 
-# The layers diffusers' LCM-LoRA scripts adapt: attention, feed-forward, resnet convs, samplers, time embedding.
-DEFAULT_TARGET_MODULES = [
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-]
+# The --lora_target_modules default: the list every registered (UNet) family adapts, diffusers' LCM-LoRA list.
+DEFAULT_TARGET_MODULES = list(UNET_LORA_TARGETS)
 ADAPTER_NAME = "default"
 logger = logging.getLogger(__name__)
 
@@ -117,7 +115,7 @@ def lora_metadata(unet: torch.nn.Module) -> dict:
 def save_lora(folder: str | Path, unet: torch.nn.Module, info: TeacherInfo) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` loadable by the stock SD/SDXL pipeline's ``load_lora_weights``."""
     folder = Path(folder)
-    pipeline_class(info).save_lora_weights(
+    info.family_spec.pipeline_class().save_lora_weights(
         folder,
         unet_lora_layers=lora_state_dict(unet),
         unet_lora_adapter_metadata=lora_metadata(unet),
@@ -137,8 +135,6 @@ def check_lora_base(folder: str | Path, base: TeacherInfo, weight_name: str = LO
     folders without it, the width of the text embeddings the LoRA's cross-attention keys read (``attn2.to_k``
     lora_A input features) against the base UNet's cross_attention_dim (768 SD 1.x, 1024 SD 2.x, 2048 SDXL).
     """
-    from .conditioning import FAMILY_NAMES, component_config
-
     folder = Path(folder)
     base_name = base.name or base.path
     recorded = {}
@@ -148,16 +144,16 @@ def check_lora_base(folder: str | Path, base: TeacherInfo, weight_name: str = LO
         except (json.JSONDecodeError, UnicodeDecodeError):
             recorded = {}
     family, teacher = recorded.get("teacher_family"), recorded.get("pretrained_teacher_model") or "its teacher"
-    if family in FAMILY_NAMES and family != base.family:
-        raise DistillError(f"The LoRA in {folder} was distilled from an {FAMILY_NAMES[family]} teacher ({teacher}), "
-                           f"but the base {base_name} is {FAMILY_NAMES[base.family]}: a LoRA loads only onto the "
-                           f"family it was trained on. Load it onto an {FAMILY_NAMES[family]} base (e.g. {teacher}), "
+    if family in FAMILIES and family != base.family:
+        raise DistillError(f"The LoRA in {folder} was distilled from an {family_label(family)} teacher ({teacher}), "
+                           f"but the base {base_name} is {base.family_spec.label}: a LoRA loads only onto the "
+                           f"family it was trained on. Load it onto an {family_label(family)} base (e.g. {teacher}), "
                            "or distil a LoRA from this base.")
     width = _lora_text_width(folder / weight_name)
-    cross = component_config(Path(base.path), "unet", base_name).get("cross_attention_dim")
+    cross = component_config(Path(base.path), base.family_spec.network_subfolder, base_name).get("cross_attention_dim")
     if width is not None and isinstance(cross, int) and width != cross:
         raise DistillError(f"The LoRA in {folder} was trained for a UNet that reads {width}-wide text embeddings, "
-                           f"but the base {base_name} ({FAMILY_NAMES[base.family]}) reads {cross}-wide ones "
+                           f"but the base {base_name} ({base.family_spec.label}) reads {cross}-wide ones "
                            "(cross_attention_dim): they are different models. Load it onto the base it was "
                            f"distilled from ({teacher}).")
 
@@ -254,7 +250,12 @@ def sgm_module_path(path: str, config) -> str:
 # SDXL: original names. A1111's rewrite puts SDXL's first upsampler (up_blocks.0 has attention) at
 # output_blocks.2.1.conv, which does not exist, and drops it; original names it looks up directly, as ComfyUI and
 # Forge do, and diffusers' SDXL pipeline maps them back (_maybe_map_sgm_blocks_to_diffusers with the UNet config).
-KOHYA_LAYOUTS = {SD: diffusers_module_path, SDXL: sgm_module_path}
+KOHYA_LAYOUTS = {"diffusers": diffusers_module_path, "sgm": sgm_module_path}  # TeacherFamily.kohya_layout -> names
+
+
+def kohya_layout(family: str):
+    """The module naming function of family ``family``'s kohya files (a value of KOHYA_LAYOUTS)."""
+    return KOHYA_LAYOUTS[get_family(family).kohya_layout]
 
 
 def kohya_module_names(unet: torch.nn.Module, family: str) -> dict[str, str]:
@@ -262,7 +263,7 @@ def kohya_module_names(unet: torch.nn.Module, family: str) -> dict[str, str]:
     from peft.tuners.lora import LoraLayer
 
     bare = getattr(unet, "module", unet)
-    layout = KOHYA_LAYOUTS[family]
+    layout = kohya_layout(family)
     names = {path: "lora_unet_" + layout(path, bare.config).replace(".", "_")
              for path, module in bare.named_modules()
              if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_alpha}
@@ -274,7 +275,7 @@ def kohya_module_names(unet: torch.nn.Module, family: str) -> dict[str, str]:
 def kohya_state_dict(unet: torch.nn.Module, family: str) -> dict[str, torch.Tensor]:
     """The adapter in kohya-ss keys (``lora_unet_<module name with _>.lora_down.weight/.lora_up.weight/.alpha``).
 
-    Module names follow ``KOHYA_LAYOUTS[family]``. Each ``.alpha`` is the adapter's real ``lora_alpha`` (diffusers'
+    Module names follow ``kohya_layout(family)``. Each ``.alpha`` is the adapter's real ``lora_alpha`` (diffusers'
     ``convert_state_dict_to_kohya`` would store ``alpha = rank``): a kohya loader scales ``up @ down`` by
     ``alpha / rank``, the same scale peft applied in training.
     """
@@ -303,34 +304,39 @@ def save_lora_kohya(folder: str | Path, unet: torch.nn.Module, info: TeacherInfo
 # ----------------------------------------------------------------------- several adapters on one UNet (score distillation)
 
 
+def tuner_layers(unet: torch.nn.Module) -> list:
+    """The peft adapter layers of ``unet``, found once per set of adapters (a large UNet has thousands of modules)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    bare = getattr(unet, "module", unet)
+    key = tuple(getattr(bare, "peft_config", None) or ())
+    cached = bare.__dict__.get("_distill_tuner_layers")
+    if cached is None or cached[0] != key:
+        cached = key, [m for m in bare.modules() if isinstance(m, BaseTunerLayer)]
+        bare.__dict__["_distill_tuner_layers"] = cached
+    return cached[1]
+
+
 def switch_adapter(unet: torch.nn.Module, adapter: str | list[str] | None) -> list[str] | None:
     """Turn on only LoRA adapter(s) ``adapter`` of ``unet`` (None: every adapter off, the teacher); returns the choice
     that was on before (None if all were off), to switch back with.
 
-    peft's switches also set requires_grad (on for the active adapter, off for the others). Every flag is put back,
-    so an adapter's weights stay trainable, in their optimizer and DDP wrapper, while another adapter runs.
+    This sets the two attributes peft's ``set_adapter`` and ``enable_adapters`` set on each adapter layer (the active
+    adapters, and whether adapters are off), but not what those also do: set requires_grad, on for the active adapter
+    and off for the others, which would freeze a trainable adapter that waits for its backward pass. It is also ~50x
+    faster on an SDXL UNet (a switch runs several times per training step); tests/test_score_distillation.py checks
+    that the state equals the one peft's own switches give.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     bare = getattr(unet, "module", unet)
-    layers = [m for m in bare.modules() if isinstance(m, BaseTunerLayer)]
-    names = [adapter] if isinstance(adapter, str) else adapter
-    if names is not None and (not layers or set(names) - set(getattr(bare, "peft_config", {}))):
+    layers = tuner_layers(bare)
+    names = [adapter] if isinstance(adapter, str) else None if adapter is None else list(adapter)
+    if names is not None and (not layers or set(names) - set(bare.peft_config)):
         raise ValueError(f"The UNet has no LoRA adapter {adapter!r}.")
     if not layers:
         return None
-
-    def state(layer) -> list[str] | None:
-        return None if layer.disable_adapters else list(layer.active_adapters)
-
-    previous = state(layers[0])
-    if all(state(layer) == names for layer in layers):
-        return previous
-    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    previous = None if layers[0].disable_adapters else list(layers[0].active_adapters)
     for layer in layers:
         if names is not None:
-            layer.set_adapter(names)
-        layer.enable_adapters(names is not None)
-    for p, flag in flags:
-        p.requires_grad_(flag)
+            layer._active_adapter = names
+        layer._disable_adapters = names is None
     return previous

@@ -271,11 +271,11 @@ def check_pairs_teacher(folder: Path, manifest: PairManifest, teacher, resolutio
     Family and latent shape are compared strictly; the teacher by the UNet fingerprint pairs.json records (older
     manifests: by the name or folder given to generate_pairs.py).
     """
-    from .conditioning import FAMILY_NAMES
+    from .families import family_label
 
     run_shape = list(latent_shape(teacher, resolution))
     fingerprint = teacher_fingerprint(teacher.path)
-    family, run_family = (FAMILY_NAMES.get(f, f) for f in (manifest.family, teacher.family))
+    family, run_family = family_label(manifest.family), teacher.family_spec.label
     problems = []
     if manifest.family != teacher.family:
         problems.append(f"family {family} vs {run_family}")
@@ -372,9 +372,9 @@ class PairGenerationConfig:
 
 def latent_shape(info, resolution: int) -> tuple[int, int, int]:
     """(C, H/f, W/f) of the teacher's latents at ``resolution`` (f: the VAE's downsampling factor), from the configs."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    channels = UNet2DConditionModel.load_config(info.path, subfolder="unet")["in_channels"]
+    channels = info.family_spec.network_config(info.path)["in_channels"]
     factor = 2 ** (len(AutoencoderKL.load_config(info.path, subfolder="vae")["block_out_channels"]) - 1)
     return (channels, resolution // factor, resolution // factor)
 
@@ -389,11 +389,10 @@ def pair_scheduler(teacher_path: str):
 
 
 def load_pair_pipeline(info):
-    """The stock SD/SDXL pipeline of the teacher with the pair sampler."""
-    from .conditioning import pipeline_class
-
-    extra = {} if info.is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = pipeline_class(info).from_pretrained(info.path, scheduler=pair_scheduler(info.path), **extra)
+    """The stock pipeline of the teacher's family with the pair sampler."""
+    family = info.family_spec
+    pipe = family.pipeline_class().from_pretrained(info.path, scheduler=pair_scheduler(info.path),
+                                                   **family.pipeline_kwargs(info))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -34,17 +34,13 @@ class Inputs:
     collate: object
 
 
-def _check_teacher_timesteps(info: TeacherInfo, method_config) -> None:
-    """A method's timestep grid must fit the teacher's T, read from its scheduler config alone (no weights)."""
+def _check_against_teacher(info: TeacherInfo, method_config) -> None:
+    """The method config's own check_against_teacher hook, given the teacher's T from its scheduler config alone."""
+    check = getattr(method_config, "check_against_teacher", None)  # optional: configs without timestep counts
     scheduler_file = Path(info.path, "scheduler", "scheduler_config.json")
-    if not scheduler_file.is_file():
+    if check is None or not scheduler_file.is_file():
         return
-    num_train_timesteps = json.loads(scheduler_file.read_text()).get("num_train_timesteps", 1000)
-    for flag in ("num_ddim_timesteps", "num_denoising_steps"):  # any method's grid on the teacher's timesteps
-        steps = getattr(method_config, flag, None)
-        if steps is not None and steps > num_train_timesteps:
-            raise DistillError(f"--{flag} ({steps}) cannot exceed the teacher's {num_train_timesteps} training "
-                               f"timesteps; pass at most {num_train_timesteps}.")
+    check(json.loads(scheduler_file.read_text()).get("num_train_timesteps", 1000))
 
 
 def _check_optional_packages(cfg: TrainConfig) -> None:
@@ -95,7 +91,7 @@ def check_inputs(method_cls, method_config, data_config: ImageDataConfig, cfg: T
     if not cfg.pretrained_teacher_model:
         raise DistillError("--pretrained_teacher_model is required: a local SD/SDXL folder or a Hub id.")
     info = inspect_teacher(cfg.pretrained_teacher_model, cfg.cache_dir, cfg.teacher_revision)
-    _check_teacher_timesteps(info, method_config)
+    _check_against_teacher(info, method_config)
     if cfg.mixed_precision == "fp16" and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
         logger.warning("--mixed_precision fp16 on a machine without CUDA: fp16 on a CPU is about 5x slower than "
                        "fp32; pass --mixed_precision no (or bf16).")

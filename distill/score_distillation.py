@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import torch
 
@@ -63,7 +64,9 @@ def student_and_fake_score(unet: torch.nn.Module, student: LoRASettings, full_fi
     fake score is made first (a copy must be the untouched teacher; the same random draws as before either way).
     """
     fake_score = add_fake_score(unet, fake_rank, fake_alpha, student.lora_target_modules, separate=full_finetune)
-    params = student.student_parameters(unet, full_finetune)
+    with warnings.catch_warnings():  # peft warns about a second adapter on one model: here that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        params = student.student_parameters(unet, full_finetune)
     fake_score.requires_grad_(True)
     if full_finetune:
         return unet, params, fake_score

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,14 +12,25 @@ from .errors import DistillError
 from .schedule import NoiseSchedule, alpha_sigma_to_clean, ddim_timesteps
 
 
+def check_fits_teacher(flag: str, steps: int, num_train_timesteps: int) -> None:
+    """A count of points on the teacher's timesteps (a grid, a chain) may not exceed its T."""
+    if steps > num_train_timesteps:
+        raise DistillError(f"--{flag} ({steps}) cannot exceed the teacher's {num_train_timesteps} training "
+                           f"timesteps; pass at most {num_train_timesteps}.")
+
+
 @dataclass
 class CFGSolverSettings:
     """The CFG-augmented teacher solver of consistency distillation: w ~ U[w_min, w_max] on an N-point DDIM grid
     (LCM, Luo et al. 2023, sec. 4.2-4.3; PCM reuses it); configs of such methods inherit these flags."""
 
-    w_min: float = 3.0
-    w_max: float = 15.0
-    num_ddim_timesteps: int = 50
+    w_min: float = field(default=3.0, metadata={
+        "help": "Minimum guidance scale w sampled for the CFG-augmented teacher ((1+w) cond - w uncond)."})
+    w_max: float = field(default=15.0, metadata={
+        "help": "Maximum guidance scale w sampled for the CFG-augmented teacher."})
+    num_ddim_timesteps: int = field(default=50, metadata={
+        "help": "N, the number of points on the teacher's DDIM skipping-step grid (at most the teacher's training "
+                "timesteps)."})
 
     def __post_init__(self):
         if not 0 <= self.w_min <= self.w_max:
@@ -30,11 +41,16 @@ class CFGSolverSettings:
         if parent is not None:
             parent()
 
+    def check_against_teacher(self, num_train_timesteps: int) -> None:
+        """The N-point grid must fit the teacher's T training timesteps (called before any weights load)."""
+        check_fits_teacher("num_ddim_timesteps", self.num_ddim_timesteps, num_train_timesteps)
+        parent = getattr(super(), "check_against_teacher", None)  # the other settings a config mixes in
+        if parent is not None:
+            parent(num_train_timesteps)
+
     def skipping_grid(self, num_train_timesteps: int) -> tuple[torch.Tensor, int]:
         """The DDIM grid t_1..t_N and its skip k = T // N, checked against the teacher's T."""
-        if self.num_ddim_timesteps > num_train_timesteps:
-            raise DistillError(f"--num_ddim_timesteps ({self.num_ddim_timesteps}) cannot exceed the teacher's "
-                               f"{num_train_timesteps} training timesteps.")
+        check_fits_teacher("num_ddim_timesteps", self.num_ddim_timesteps, num_train_timesteps)
         return ddim_timesteps(num_train_timesteps, self.num_ddim_timesteps), num_train_timesteps // self.num_ddim_timesteps
 
     def sample_guidance(self, batch_size: int, device) -> torch.Tensor:

@@ -34,22 +34,26 @@ def vae_scale_factor(vae) -> int:
 
 def load_teacher(info: TeacherInfo, resolution: int, weight_dtype: torch.dtype = torch.float32, device="cpu",
                  vae_path: str | None = None, revision: str | None = None) -> LoadedTeacher:
-    """Load the teacher ``info`` describes, frozen, on ``device``: network and text encoders in ``weight_dtype``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    """Load the teacher ``info`` describes, frozen, on ``device``: network and text encoders in ``weight_dtype``.
 
+    Its family (``info.family_spec``) says which network, conditioner and noise schedule that is.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    family = info.family_spec
     with teacher_load_errors(info):  # damaged weight files: one error line, not a traceback from deep inside
-        network = UNet2DConditionModel.from_pretrained(info.path, subfolder="unet", revision=revision)
+        network = family.load_network(info.path, revision)
         if vae_path:
             vae = AutoencoderKL.from_pretrained(vae_path)
             vae_dtype = weight_dtype
         else:
             vae = AutoencoderKL.from_pretrained(info.path, subfolder="vae", revision=revision)
-            vae_dtype = torch.float32 if info.is_sdxl else weight_dtype  # SDXL's own VAE overflows in fp16
-        conditioner = TextConditioner(info, resolution, weight_dtype, revision)
+            vae_dtype = torch.float32 if family.vae_fp32 else weight_dtype  # e.g. SDXL's own VAE overflows in fp16
+        conditioner = family.conditioner(info, resolution, weight_dtype, revision)
     network.requires_grad_(False).to(device, weight_dtype)
     vae.requires_grad_(False).eval().to(device, vae_dtype)
     conditioner.to(device)
-    scheduler_config = DDPMScheduler.load_config(info.path, subfolder="scheduler")
+    scheduler_config = DDPMScheduler.load_config(info.path, subfolder="scheduler")  # any scheduler's config file
     latent_shape = (network.config.in_channels, *(2 * [resolution // vae_scale_factor(vae)]))
-    return LoadedTeacher(info, network, NoiseSchedule.from_scheduler_config(scheduler_config), scheduler_config,
-                         conditioner, vae, latent_shape)
+    return LoadedTeacher(info, network, family.noise_schedule(scheduler_config), scheduler_config, conditioner, vae,
+                         latent_shape)

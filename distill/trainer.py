@@ -63,6 +63,25 @@ def check_distributed_setup(accelerator, method_name: str, method: Method | None
                            "per run. Launch with DDP instead (docs/accelerate_configs/multi_gpu.yaml).")
 
 
+def started_as_module() -> bool:
+    """Whether this process is ``python -m distill ...`` (also under ``accelerate launch -m distill``)."""
+    return getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None) == "distill.__main__"
+
+
+def python_command(argv: list[str]) -> list[str]:
+    """``argv`` (sys.argv-like) as the python command line that started it: ``python -m distill ...`` for the module."""
+    return ["python", "-m", "distill", *argv[1:]] if started_as_module() else ["python", *argv]
+
+
+def stepped_groups(groups: dict, losses: dict) -> list[str]:
+    """The groups this step's losses update, in ``trainable()`` order (a method may return a subset on a step)."""
+    unknown = sorted(set(losses) - set(groups))
+    if unknown or not losses:
+        raise KeyError(f"Method.loss returned losses {sorted(losses)}: each must name a group of trainable() "
+                       f"({', '.join(groups)}), and at least one is needed.")
+    return [name for name in groups if name in losses]
+
+
 def batches_per_process(loader, accelerator) -> int:
     """Batches one process sees per epoch once accelerate shards ``loader`` (its BatchSamplerShard's length)."""
     from accelerate.data_loader import BatchSamplerShard
@@ -252,14 +271,16 @@ class Trainer:
         progress.close()
 
     def _train_micro_batch(self, batch, encoder, groups, optimizers, schedulers, step: int, micro: int) -> dict:
-        """Encode, compute the method's losses, and step each loss's optimizer (accelerate handles accumulation)."""
+        """Encode, compute the method's losses, and step the optimizer of each returned loss (accelerate handles
+        accumulation); groups without a loss this step keep their weights, optimizer state and learning rate."""
         accelerator, method = self.accelerator, self.method
         self._seed_micro_batch(step, micro)
         with accelerator.accumulate(*method.nets.values()):
             losses = method.loss(encoder(batch, accelerator.device), step)
+            names = stepped_groups(groups, losses)
             self._check_finite(losses, step)
-            for name, loss in losses.items():
-                accelerator.backward(loss)
+            for name in names:
+                accelerator.backward(losses[name])
                 if accelerator.sync_gradients and self.config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(groups[name], self.config.max_grad_norm)
                 optimizers[name].step()
@@ -327,18 +348,18 @@ class Trainer:
                                                           (i and sys.argv[i - 1] == "--resume_from_checkpoint"))]
         stopped = TrainingStopped(int(signum.item()), f"Stopped by {signal.Signals(int(signum.item())).name} after "
                                   f"step {step}: wrote {checkpoint}. Resume with the same launcher and: "
-                                  f"{shlex.join(['python', *argv])} --resume_from_checkpoint latest")
+                                  f"{shlex.join(python_command(argv))} --resume_from_checkpoint latest")
         if accelerator.is_main_process:
             print(stopped, file=sys.stderr, flush=True)
         raise stopped
 
     def _validate(self, step: int) -> Path:
         """A grid of validation images at 1 step and at the method's default step count."""
-        defaults = self.method.export_defaults()
+        sampling = self.method.export_defaults()
         teacher = self.teacher
         unet = self.accelerator.unwrap_model(self.method.student_unet())
         pipe = student_pipeline(teacher.info, unet, teacher.vae, teacher.conditioner,
-                                student_scheduler(teacher.scheduler_config, defaults))
-        grid = validation_grid(pipe, self.config.validation_prompts, defaults["num_inference_steps"],
-                               defaults["guidance_scale"], self.plan.resolution)
+                                student_scheduler(teacher.scheduler_config, sampling))
+        grid = validation_grid(pipe, self.config.validation_prompts, sampling.num_inference_steps,
+                               sampling.guidance_scale, self.plan.resolution)
         return save_validation_grid(grid, self.output_dir, step, self.accelerator.trackers)

@@ -1,1 +1,2 @@
-"""Model card templates, one per method, filled at export (installed as distill.model_cards)."""
+"""Model card templates, one per method plus generic.md for a method without its own, filled at export (installed as
+distill.model_cards)."""

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL
 
 from distill.batching import BatchEncoder, CachedLatents
-from distill.conditioning import TextConditioner, inspect_teacher
+from distill.conditioning import inspect_teacher
 from distill.data import ImageDataConfig, build_image_caption_dataset, collate_image_caption
+from distill.teacher import load_teacher
 
 
 def encoder_for(teacher, p: float = 0.0) -> BatchEncoder:
-    info = inspect_teacher(str(teacher))
-    vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae")
-    return BatchEncoder(vae, TextConditioner(info, 32), proportion_empty_prompts=p)
+    loaded = load_teacher(inspect_teacher(str(teacher)), 32)
+    return BatchEncoder(loaded.vae, loaded.conditioner, proportion_empty_prompts=p)
 
 
 def image_batch(image_folder, n: int = 4) -> dict:

@@ -164,10 +164,11 @@ def test_card_offers_the_pipeline_when_it_is_uploaded(push_run, tmp_path):
     """With --hub_include_pipeline the card's second snippet loads the uploaded pipeline/ folder."""
     from distill.conditioning import inspect_teacher
     from distill.export import write_model_card
+    from distill.methods import SamplingSpec
 
-    defaults = json.loads((push_run.out / "distill_config.json").read_text())["sampling"]
-    write_model_card(tmp_path, "lcm", inspect_teacher(str(push_run.teacher)), "org/teacher", defaults, {},
-                     repo_id=REPO_ID, pipeline_subfolder="pipeline")
+    recorded = json.loads((push_run.out / "distill_config.json").read_text())["sampling"]
+    write_model_card(tmp_path, "lcm", inspect_teacher(str(push_run.teacher)), "org/teacher",
+                     SamplingSpec(**recorded), {}, repo_id=REPO_ID, pipeline_subfolder="pipeline")
     text = (tmp_path / "README.md").read_text()
     assert (f'DiffusionPipeline.from_pretrained("{REPO_ID}", subfolder="pipeline", trust_remote_code=True)'
             in text)

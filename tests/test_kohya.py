@@ -26,8 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import subprocess_env
-from distill.conditioning import SD, SDXL
-from distill.lora import KOHYA_LAYOUTS, add_lora, kohya_module_names, sgm_module_path
+from distill.families import SD, SDXL
+from distill.lora import add_lora, kohya_layout, kohya_module_names, sgm_module_path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "lcm_lora.py"
@@ -54,7 +54,7 @@ SDXL_UNET = dict(
     use_linear_projection=True,
 )
 # family, config, adapted modules with the default targets, input/output blocks of the original layout
-FULL_SIZE = {"sd15": (SD, SD15_UNET, 278, 12), "sdxl": (SDXL, SDXL_UNET, 788, 9)}
+FULL_SIZE = {"sd15": (SD.name, SD15_UNET, 278, 12), "sdxl": (SDXL.name, SDXL_UNET, 788, 9)}
 
 
 @dataclass
@@ -113,9 +113,9 @@ def test_default_targets_adapt_every_layer_kohya_names_cover(full_unet):
     names = kohya_module_names(full_unet.unet, full_unet.family)
     assert len(names) == full_unet.modules  # 278 SD 1.5 / 788 SDXL modules
     assert len(set(names.values())) == len(names)
-    layout = "down_blocks" if full_unet.family == SD else "input_blocks"
+    layout = "down_blocks" if full_unet.family == SD.name else "input_blocks"
     assert any(f"_{layout}_" in name for name in names.values())
-    if full_unet.family == SDXL:  # kohya's sd-scripts SDXL names, which A1111 looks up as they are
+    if full_unet.family == SDXL.name:  # kohya's sd-scripts SDXL names, which A1111 looks up as they are
         assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names.values()
         assert "lora_unet_middle_block_1_transformer_blocks_9_ff_net_2" in names.values()
         assert names["up_blocks.0.upsamplers.0.conv"] == "lora_unet_output_blocks_2_2_conv"
@@ -138,7 +138,7 @@ def test_diffusers_load_lora_weights_maps_every_module_to_its_own(full_unet):
         file[f"{name}.lora_down.weight"] = torch.full((1, 1), float(index))
         file[f"{name}.lora_up.weight"] = torch.full((1, 1), float(index))
         file[f"{name}.alpha"] = torch.tensor(LORA_ALPHA)
-    if full_unet.family == SDXL:
+    if full_unet.family == SDXL.name:
         state, alphas = StableDiffusionXLPipeline.lora_state_dict(file, unet_config=full_unet.unet.config)
     else:
         state, alphas = StableDiffusionPipeline.lora_state_dict(file)
@@ -216,11 +216,11 @@ def test_a1111_would_drop_sdxl_upsampler_under_diffusers_names(full_unet):
     module. The same rewrite is right for every SD 1.5 module."""
     original = full_unet.original
     a1111_modules = {f"diffusion_model_{o.replace('.', '_')}" for o in original.values()}
-    diffusers_names = kohya_module_names(full_unet.unet, SD)  # what an SD-style export of this UNet would hold
+    diffusers_names = kohya_module_names(full_unet.unet, SD.name)  # what an SD-style export of this UNet would hold
     right = [p for p, name in diffusers_names.items()
              if a1111_target(name, a1111_modules) == f"diffusion_model_{original[p].replace('.', '_')}"]
     missed = sorted(set(diffusers_names) - set(right))
-    if full_unet.family == SDXL:
+    if full_unet.family == SDXL.name:
         assert (len(right), missed) == (787, ["up_blocks.0.upsamplers.0.conv"])
     else:
         assert (len(right), missed) == (278, [])
@@ -295,7 +295,7 @@ def test_kohya_keys_name_every_adapted_module(kohya_run):
 
     # One kohya module per peft module, holding the same matrices.
     unet = UNet2DConditionModel.from_pretrained(kohya_run.teacher, subfolder="unet")
-    layout = KOHYA_LAYOUTS[SDXL if kohya_run.family == "sdxl" else SD]
+    layout = kohya_layout(kohya_run.family)
     peft_modules = {k[len("unet."):].rsplit(".lora_A.", 1)[0] for k in peft if ".lora_A." in k}
     module_of = {f"lora_unet_{layout(m, unet.config).replace('.', '_')}": m for m in peft_modules}
     assert len(module_of) == len(peft_modules) and set(groups) == set(module_of)

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, LCMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, LCMScheduler
 
-from distill.conditioning import SD, SDXL, TextConditioner, inspect_teacher, native_resolution
+from distill.conditioning import TextConditioner, inspect_teacher, native_resolution
 from distill.errors import DistillError
+from distill.families import SD, SDXL
 from distill.methods import LCM, LCMConfig, LatentBatch, Teacher
-from distill.schedule import NoiseSchedule
 from distill.solvers import cfg_teacher_ddim_step
+from distill.teacher import load_teacher
 
 
 def make_method(folder, **config) -> tuple[LCM, TextConditioner]:
     info = inspect_teacher(str(folder))
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    schedule = NoiseSchedule.from_scheduler_config(DDPMScheduler.load_config(folder, subfolder="scheduler"))
-    conditioner = TextConditioner(info, native_resolution(info))
-    return LCM(Teacher(unet, schedule, info), LCMConfig(lora_rank=4, **config)), conditioner
+    teacher = load_teacher(info, native_resolution(info))
+    network_teacher = Teacher(teacher.network, teacher.schedule, info, teacher.latent_shape)
+    return LCM(network_teacher, LCMConfig(lora_rank=4, **config)), teacher.conditioner
 
 
 def make_batch(conditioner: TextConditioner, seed: int = 0) -> LatentBatch:
@@ -29,7 +29,7 @@ def make_batch(conditioner: TextConditioner, seed: int = 0) -> LatentBatch:
 
 def test_family_detection_and_conditioning_shapes(sd_teacher, sdxl_teacher):
     sd, sdxl = inspect_teacher(str(sd_teacher)), inspect_teacher(str(sdxl_teacher))
-    assert (sd.family, sdxl.family) == (SD, SDXL)
+    assert (sd.family_spec, sdxl.family_spec) == (SD, SDXL) and (sd.family, sdxl.family) == ("sd", "sdxl")
     assert native_resolution(sd) == 32 == native_resolution(sdxl)
 
     sd_cond = TextConditioner(sd, 32).encode(["a cat", "a dog"])
@@ -128,7 +128,7 @@ def test_lcm_scheduler_step_equals_training_consistency_function(sd_teacher):
     torch.nn.init.normal_(method.trainable()["unet"][1], std=0.01)
     defaults = method.export_defaults()
     scheduler = LCMScheduler.from_config(DDPMScheduler.load_config(sd_teacher, subfolder="scheduler"),
-                                         **defaults["scheduler_config"])
+                                         **defaults.scheduler_config)
     scheduler.set_timesteps(4)
     cond = conditioner.encode(["a cat"])
     sample = torch.randn(1, 4, 16, 16)

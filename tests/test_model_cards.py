@@ -15,15 +15,17 @@ from huggingface_hub import ModelCard
 from jinja2 import Environment, meta
 
 from distill.conditioning import inspect_teacher
-from distill.export import copy_sample_grid, write_model_card
+from distill.export import card_template, copy_sample_grid, method_description, write_model_card
+from distill.methods import METHODS, LCM, Method, SamplingSpec
 
 TEMPLATES = sorted(p.name for p in resources.files("distill.model_cards").iterdir() if p.name.endswith(".md"))
 CORE = {"card_data", "method", "teacher", "pipeline_class", "scheduler", "steps", "guidance", "hyperparameters",
         "metrics"}
-OPTIONAL = {"scheduler_import", "repo_id", "samples", "pipeline_subfolder", "kohya_file"}
+OPTIONAL = {"scheduler_import", "repo_id", "samples", "pipeline_subfolder", "kohya_file", "description"}
 TEACHER_ID = "org/teacher-for-the-card"
 REPO_ID = "someone/student-for-the-card"
-DEFAULTS = {"scheduler": "LCMScheduler", "num_inference_steps": 3, "guidance_scale": 1.5}
+DEFAULTS = SamplingSpec("LCMScheduler", num_inference_steps=3, guidance_scale=1.5)
+DESCRIPTION = "A student that learns the teacher's x0 in one call."
 HYPER = {"lora_rank": 7, "learning_rate": 0.0005}
 METRICS = {"fd_1_step": 12.5, "accuracy_4_steps": 0.98}
 # What each placeholder must put in the card.
@@ -41,6 +43,7 @@ EXPECTED = {
     "samples": ["](samples.png)"],
     "pipeline_subfolder": ['subfolder="pipeline"'],
     "kohya_file": ["pytorch_lora_weights_kohya.safetensors"],
+    "description": [DESCRIPTION],
 }
 
 
@@ -58,10 +61,28 @@ def render(folder: Path, template: str, teacher: Path, **optional) -> str:
 
 
 def test_every_method_has_a_template():
-    from distill.methods import METHODS
+    assert {"lcm.md", "generic.md"} <= set(TEMPLATES)
+    assert {f"{name}.md" for name in METHODS} <= set(TEMPLATES)  # a new method may start on generic.md
 
-    assert "lcm.md" in TEMPLATES
-    assert {f"{name}.md" for name in METHODS} <= set(TEMPLATES)
+
+def test_a_method_without_a_template_gets_the_generic_one():
+    generic = resources.files("distill.model_cards").joinpath("generic.md").read_text()
+    assert card_template("a-method-without-a-card") == generic
+    assert card_template("lcm") == resources.files("distill.model_cards").joinpath("lcm.md").read_text() != generic
+
+
+def test_generic_card_describes_the_method_by_its_class_docstring(sd_teacher, tmp_path):
+    class Undocumented(Method):  # a docstring is not inherited from Method
+        pass
+
+    assert method_description(LCM) == LCM.__doc__ and method_description(Undocumented) is None
+    path = write_model_card(tmp_path, "toy", inspect_teacher(str(sd_teacher)), TEACHER_ID, DEFAULTS, HYPER,
+                            description=method_description(LCM))
+    text = path.read_text()
+    assert "# TOY student of org/teacher-for-the-card" in text and "with the `toy` method" in text
+    assert f"About the method: {LCM.__doc__}" in text
+    assert "num_inference_steps=3, guidance_scale=1.5" in text and "from diffusers import LCMScheduler" in text
+    assert "toy" in ModelCard.load(path).data.tags
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
@@ -76,7 +97,8 @@ def test_template_uses_only_known_placeholders(template):
 def test_values_land_in_the_card(template, family, request, tmp_path):
     teacher = request.getfixturevalue(f"{family}_teacher")
     text = render(tmp_path, template, teacher, repo_id=REPO_ID, samples="samples.png",
-                  pipeline_subfolder="pipeline", kohya_file="pytorch_lora_weights_kohya.safetensors")
+                  pipeline_subfolder="pipeline", kohya_file="pytorch_lora_weights_kohya.safetensors",
+                  description=DESCRIPTION)
     assert "{{" not in text and "{%" not in text
     for name in placeholders(template) - {"card_data"}:
         for snippet in EXPECTED[name]:
@@ -90,9 +112,10 @@ def test_values_land_in_the_card(template, family, request, tmp_path):
     assert template.removesuffix(".md") in card.data.tags
 
 
-def test_optional_sections_disappear_when_not_given(sd_teacher, tmp_path):
-    text = render(tmp_path, "lcm.md", sd_teacher)
-    assert "samples.png" not in text and "![" not in text
+@pytest.mark.parametrize("template", ["lcm.md", "generic.md"])
+def test_optional_sections_disappear_when_not_given(template, sd_teacher, tmp_path):
+    text = render(tmp_path, template, sd_teacher)
+    assert "samples.png" not in text and "![" not in text and "About the method" not in text
     assert "trust_remote_code" not in text and "kohya" not in text
     assert 'load_lora_weights("<this repo>")' in text
     assert "\n\n\n" not in text  # the template's conditional blocks leave no gaps

@@ -28,7 +28,7 @@ from distill.discriminator import DiscriminatorHeads, feature_channels, unet_enc
 from distill.errors import DistillError
 from distill.export import student_scheduler
 from distill.losses import hinge_discriminator_loss, hinge_generator_loss
-from distill.methods import PCM, LatentBatch, PCMConfig, Teacher
+from distill.methods import PCM, LatentBatch, PCMConfig, SamplingSpec, Teacher
 from distill.pipelines.scheduler_pcm import PCMScheduler
 from distill.schedule import (NoiseSchedule, ddim_timesteps, diffuse_between, phase_edges, phase_lower_edge,
                               skipping_step_pairs)
@@ -60,9 +60,8 @@ def make_batch(conditioner: TextConditioner, seed: int = 0) -> LatentBatch:
 
 def pcm_scheduler(folder, num_ddim_timesteps: int = 50, multiphase: int = 4, **overrides) -> PCMScheduler:
     """The scheduler exactly as training exports it (distill.export.student_scheduler with the method's overrides)."""
-    defaults = {"scheduler": "PCMScheduler",
-                "scheduler_config": {"original_inference_steps": num_ddim_timesteps, "multiphase": multiphase,
-                                     **overrides}}
+    defaults = SamplingSpec("PCMScheduler", num_inference_steps=multiphase, scheduler_config={
+        "original_inference_steps": num_ddim_timesteps, "multiphase": multiphase, **overrides})
     scheduler = student_scheduler(teacher_scheduler_config(folder), defaults)
     assert isinstance(scheduler, PCMScheduler)
     return scheduler
@@ -277,8 +276,8 @@ def test_no_cfg_solver_uses_the_conditional_teacher_step(sd_teacher):
         torch.testing.assert_close(teacher_ddim_step(teacher, x, t, t_prev, batch.cond), expected)
     with torch.no_grad():
         torch.testing.assert_close(method.teacher_step(x, t, t_prev, batch, torch.full((2,), 3.0)), expected)
-    assert method.export_defaults()["guidance_scale"] == 4.0  # 1 + (w_min + w_max) / 2, applied at inference
-    assert make_method(sd_teacher)[0].export_defaults()["guidance_scale"] == 1.0  # guidance baked in
+    assert method.export_defaults().guidance_scale == 4.0  # 1 + (w_min + w_max) / 2, applied at inference
+    assert make_method(sd_teacher)[0].export_defaults().guidance_scale == 1.0  # guidance baked in
 
 
 def test_each_loss_reaches_only_its_own_parameters(sd_teacher):

@@ -72,10 +72,10 @@ def test_exported_ddim_step_is_the_training_solver(sd_teacher):
     method, conditioner = make_method(sd_teacher, rectified_variant="phased")
     move_off_teacher(method)
     defaults = method.export_defaults()
-    assert defaults["num_inference_steps"] == 4 and defaults["scheduler"] == "DDIMScheduler"
+    assert defaults.num_inference_steps == 4 and defaults.scheduler == "DDIMScheduler"
     scheduler = student_scheduler(DDPMScheduler.load_config(sd_teacher, subfolder="scheduler"), defaults)
     assert isinstance(scheduler, DDIMScheduler)
-    scheduler.set_timesteps(defaults["num_inference_steps"])
+    scheduler.set_timesteps(defaults.num_inference_steps)
     edges = method.upper_edges.flip(0)
     assert scheduler.timesteps.tolist() == edges.tolist() == [999, 749, 499, 249]
     lower = edges - method.steps_per_phase * method.skip

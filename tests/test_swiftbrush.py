@@ -4,12 +4,14 @@ train_scripts/swiftbrush.py run as a user runs it, with its exports loaded back 
 The oracles: the surrogate loss's gradient w.r.t. the student's sample is the VSD gradient computed directly from
 the two scores; each loss is recomputed by hand from Algorithm 1 with the same random draws; the exported one-step
 scheduler turns the student's UNet output into exactly the generator's x0; the exported pipelines decode exactly the
-x0 of the training generator for the same noise.
+x0 of the training generator for the same noise; a resumed run, and a 2-process DDP run, end with both adapters of the
+shared UNet bit for bit where the uninterrupted 1-process run ends.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -27,10 +29,9 @@ from distill.conditioning import TextConditioner, inspect_teacher, native_resolu
 from distill.denoiser import Denoiser
 from distill.errors import DistillError
 from distill.export import student_scheduler
-from distill.losses import score_distillation_surrogate
 from distill.methods import LatentBatch, SwiftBrush, SwiftBrushConfig, Teacher
-from distill.methods.swiftbrush import one_step_x0
 from distill.schedule import NoiseSchedule
+from distill.score_distillation import one_step_x0, score_distillation_surrogate
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "swiftbrush.py"
@@ -166,8 +167,9 @@ def test_losses_recomputed_by_hand(sd_teacher):
     torch.testing.assert_close(losses["fake_score"].detach(), (eps_fake - eps).pow(2).mean())  # 14.
 
 
-def test_each_loss_reaches_only_its_own_parameters(teacher):
-    method, conditioner = make_method(teacher)
+@pytest.mark.parametrize("full_finetune", [False, True])
+def test_each_loss_reaches_only_its_own_parameters(teacher, full_finetune):
+    method, conditioner = make_method(teacher, full_finetune=full_finetune)
     groups = method.trainable()
     student, fake = method.nets["unet"], method.nets["fake_score"]
     assert student is not fake
@@ -175,9 +177,12 @@ def test_each_loss_reaches_only_its_own_parameters(teacher):
     assert student_ids and fake_ids and not student_ids & fake_ids
     assert {id(p) for p in student.parameters() if p.requires_grad} == student_ids
     assert {id(p) for p in fake.parameters() if p.requires_grad} == fake_ids
+    # A LoRA student and its fake score are two adapters of the teacher's one UNet; a full student's fake score
+    # is a LoRA on a copy of the teacher.
+    assert (fake.unet is method.teacher.unet) is not full_finetune
 
     losses = method.loss(make_batch(conditioner), 0)
-    everything = list(student.parameters()) + list(fake.parameters())
+    everything = list({id(p): p for p in [*method.teacher.unet.parameters(), *fake.unet.parameters()]}.values())
     for name, loss in losses.items():
         loss.backward()
         reached = {id(p) for p in everything if p.grad is not None and p.grad.abs().sum() > 0}
@@ -253,7 +258,7 @@ def test_one_step_scheduler_returns_the_generators_x0(sd_teacher, prediction_typ
     perturb(method.trainable()["unet"], seed=4)
     config = dict(DDPMScheduler.load_config(sd_teacher, subfolder="scheduler"), prediction_type=prediction_type)
     scheduler = student_scheduler(config, method.export_defaults())
-    scheduler.set_timesteps(method.export_defaults()["num_inference_steps"])
+    scheduler.set_timesteps(method.export_defaults().num_inference_steps)
     assert scheduler.timesteps.tolist() == [999]
     cond = conditioner.encode([PROMPT])
     z = torch.randn(1, *LATENT_SHAPE) * scheduler.init_noise_sigma
@@ -388,13 +393,16 @@ def test_cli_trains_from_prompts_and_exports_a_one_step_lora(lora_run):
     student = load_file(checkpoint.parent / "checkpoint-3" / "unet_trainable.safetensors")
     fake = load_file(checkpoint.parent / "checkpoint-3" / "fake_score_trainable.safetensors")
     assert student and fake and all("lora_" in k for k in [*student, *fake])
+    # Each file holds one adapter of the shared UNet, under the UNet's own (peft) names.
+    assert all(".default." in k for k in student) and all(".fake_score." in k for k in fake)
+    assert {k.replace(".fake_score.", ".default.") for k in fake} == set(student)
     # The exported LoRA is the student's, not the fake score's.
     exported = load_file(out / "pytorch_lora_weights.safetensors")
     assert len(exported) == len(student)
     renamed = {k[len("unet."):].replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
                for k, v in exported.items()}
     assert all(torch.equal(renamed[k], student[k]) for k in student)
-    assert any(not torch.equal(renamed[k], fake[k]) for k in fake if "lora_B" in k)
+    assert any(not torch.equal(renamed[k.replace(".fake_score.", ".default.")], fake[k]) for k in fake if "lora_B" in k)
     sampling = json.loads((out / "distill_config.json").read_text())["sampling"]
     assert sampling == {"scheduler": "DDIMScheduler", "num_inference_steps": 1, "guidance_scale": 1.0}
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
@@ -434,6 +442,55 @@ def test_full_finetune_exports_a_unet(sd_teacher, tmp_path_factory, prompts_file
     expected = generator_images(sd_teacher, run.out)
     np.testing.assert_allclose(images["stock"], expected, rtol=0, atol=1e-4)
     np.testing.assert_allclose(images["folder"], expected, rtol=0, atol=1e-4)
+
+
+def same_checkpoint_weights(first: Path, second: Path) -> dict:
+    """{file: largest difference} over both adapters' checkpoint files of two runs; asserts the files hold the same
+    keys and that training moved the adapters (so equality is not that of two untrained LoRAs)."""
+    differences = {}
+    for name in ("unet_trainable", "fake_score_trainable"):
+        a, b = load_file(first / f"{name}.safetensors"), load_file(second / f"{name}.safetensors")
+        assert set(a) == set(b) and any(a[k].abs().max() > 0 for k in a if "lora_B" in k), name
+        differences[name] = max((a[k] - b[k]).abs().max().item() for k in a)
+    return differences
+
+
+def test_resume_restores_both_adapters_of_the_shared_unet(lora_run, prompts_file, tmp_path):
+    """checkpoint-2 resumed in a fresh run ends at step 3 exactly where the uninterrupted run ended: the checkpoint
+    stores the student's and the fake score's adapters of the one UNet, and loads each back into its own adapter."""
+    if lora_run.family != "sd":
+        pytest.skip("one family is enough: the checkpoint code does not depend on it")
+    assert lora_run.train.returncode == 0, tail(lora_run.train)
+    resumed = train(lora_run.teacher, tmp_path / "out", "--prompts_file", str(prompts_file), "--max_train_steps", "3",
+                    "--resume_from_checkpoint", str(lora_run.out / "checkpoint-2"), "--no_export_pipeline")
+    assert resumed.returncode == 0, tail(resumed)
+    differences = same_checkpoint_weights(lora_run.out / "checkpoint-3", tmp_path / "out" / "checkpoint-3")
+    assert differences == {"unet_trainable": 0.0, "fake_score_trainable": 0.0}
+
+
+def test_two_processes_train_what_one_process_trains(sd_teacher, tmp_path):
+    """DDP: each adapter of the shared UNet is its own DDP module (one forward with gradients and one backward per step
+    each), so 2 processes x batch 2 end with the same two adapters as 1 process x batch 2 x 2 accumulation steps."""
+    prompts_file = tmp_path / "prompts.txt"  # two batches of 2 per step: one per process, or two accumulated
+    prompts_file.write_text("\n".join(f"{p}, number {i}" for i in range(2) for p in PROMPTS[:2]) + "\n")
+    common = ["--pretrained_teacher_model", str(sd_teacher), "--prompts_file", str(prompts_file), *FLAGS,
+              "--max_train_steps", "2", "--no_export_pipeline"]
+    one = subprocess.run([sys.executable, str(SCRIPT), *common, "--output_dir", str(tmp_path / "one"),
+                          "--gradient_accumulation_steps", "2"], capture_output=True, text=True, timeout=600,
+                         env=subprocess_env(), cwd=REPO)
+    assert one.returncode == 0, tail(one)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = Path(sys.executable).with_name("accelerate")
+    two = subprocess.run([str(launcher), "launch", "--config_file", str(REPO / "docs/accelerate_configs/multi_gpu.yaml"),
+                          "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port),
+                          str(SCRIPT), *common, "--output_dir", str(tmp_path / "two")], capture_output=True, text=True,
+                         timeout=600, env=subprocess_env(ACCELERATE_USE_CPU="true"), cwd=REPO)
+    assert two.returncode == 0, tail(two)
+    assert (tmp_path / "two" / "checkpoint-2" / "random_states_1.pkl").is_file()  # really two processes
+    differences = same_checkpoint_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2")
+    assert differences == {"unet_trainable": 0.0, "fake_score_trainable": 0.0}
 
 
 @pytest.mark.parametrize("flags, phrases", [

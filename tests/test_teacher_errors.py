@@ -122,13 +122,14 @@ def exported_lora(teacher: Path, folder: Path) -> Path:
     from distill.conditioning import inspect_teacher
     from distill.export import export_lora_folder
     from distill.lora import add_lora
+    from distill.methods import SamplingSpec
 
     info = inspect_teacher(str(teacher))
     unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
     add_lora(unet, rank=4)
     scheduler = LCMScheduler.from_pretrained(teacher, subfolder="scheduler")
-    defaults = {"scheduler": "LCMScheduler", "num_inference_steps": 4, "guidance_scale": 1.0}
-    return export_lora_folder(folder, unet, info, scheduler, defaults,
+    sampling = SamplingSpec("LCMScheduler", num_inference_steps=4, guidance_scale=1.0)
+    return export_lora_folder(folder, unet, info, scheduler, sampling,
                               {"method": "lcm", "pretrained_teacher_model": str(teacher)})
 
 
@@ -158,12 +159,12 @@ def test_pipeline_export_refuses_the_other_family_and_writes_nothing(loras, sdxl
 
     from distill.conditioning import inspect_teacher
     from distill.export import export_pipeline_folder
+    from distill.methods import SamplingSpec
 
     scheduler = LCMScheduler.from_pretrained(sdxl_teacher, subfolder="scheduler")
     with pytest.raises(DistillError, match="was distilled from an SD 1.x/2.x teacher"):
         export_pipeline_folder(tmp_path / "pipeline", str(sdxl_teacher), inspect_teacher(str(sdxl_teacher)),
-                               loras["sd"], scheduler, {"num_inference_steps": 4, "guidance_scale": 1.0,
-                                                        "scheduler": "LCMScheduler"})
+                               loras["sd"], scheduler, SamplingSpec("LCMScheduler", num_inference_steps=4))
     assert not (tmp_path / "pipeline").exists()
 
 

@@ -209,7 +209,7 @@ def test_exported_scheduler_samples_the_training_generator(teacher):
     method, conditioner = make_method(teacher)
     move_off_teacher(method)
     defaults = method.export_defaults()
-    assert defaults["num_inference_steps"] == 1 and defaults["guidance_scale"] == 1.0
+    assert defaults.num_inference_steps == 1 and defaults.guidance_scale == 1.0
     scheduler = student_scheduler(DDPMScheduler.load_config(teacher, subfolder="scheduler"), defaults)
     assert isinstance(scheduler, LCMScheduler)
     vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae")

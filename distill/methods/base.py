@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -11,6 +11,16 @@ from ..batching import LatentBatch
 from ..conditioning import TeacherInfo
 from ..denoiser import AdapterView, Denoiser
 from ..schedule import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How the exported student samples: scheduler class and config overrides, step count, guidance scale."""
+
+    scheduler: str  # a diffusers scheduler class, or one shipped in distill.pipelines (see distill/export.py)
+    num_inference_steps: int
+    guidance_scale: float = 1.0
+    scheduler_config: dict = field(default_factory=dict)  # overrides on top of the teacher's scheduler config
 
 
 @dataclass
@@ -26,7 +36,9 @@ class Teacher:
 class Method(abc.ABC):
     """Base class: ``nets`` holds the trainable networks (the trainer wraps them for distributed training)."""
 
-    name: str = ""
+    name: str = ""  # the command line's name: python -m distill <name>
+    # A dataclass of the method's hyperparameters, one flag each (help in field(metadata={"help": ...})). It may define
+    # check_against_teacher(num_train_timesteps), which the pre-flight checks call before any weights load.
     Config: type = object
     # What the method trains on: "images" (image-caption data, VAE-encoded), "prompts" (captions only) or
     # "pairs" (teacher noise/latent pairs written by train_scripts/generate_pairs.py).
@@ -43,11 +55,13 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def loss(self, batch: LatentBatch, step: int) -> dict[str, torch.Tensor]:
-        """One loss per optimizer (same keys as ``trainable``); each loss only reaches its own parameters."""
+        """Losses keyed like ``trainable``; each reaches only its own group's parameters. A step may return a subset
+        (groups updated at different rates): the trainer steps only the returned groups. Decide it from ``step``, the
+        optimizer step, which every micro-batch of an accumulation window shares."""
 
     @abc.abstractmethod
-    def export_defaults(self) -> dict:
-        """Scheduler class and config overrides, steps and guidance the exported student samples with."""
+    def export_defaults(self) -> SamplingSpec:
+        """The scheduler, steps and guidance the exported student samples with."""
 
     @classmethod
     def data_kind_for(cls, config) -> str:

@@ -10,7 +10,7 @@ from ..lora import LoRASettings
 from ..losses import DistanceSettings, distance
 from ..schedule import consistency_boundary_scalings, skipping_step_pairs
 from ..solvers import CFGSolverSettings, cfg_teacher_ddim_step
-from .base import LatentBatch, Method, Teacher
+from .base import LatentBatch, Method, SamplingSpec, Teacher
 
 
 @dataclass
@@ -70,13 +70,7 @@ class LCM(Method):
         # 7. Distance between the two ends of the consistency pair.
         return {"unet": distance(prediction, target, self.config.loss_type, self.config.huber_c)}
 
-    def export_defaults(self) -> dict:
-        return {
-            "scheduler": "LCMScheduler",
-            "scheduler_config": {
-                "original_inference_steps": self.config.num_ddim_timesteps,
-                "timestep_scaling": self.config.timestep_scaling_factor,
-            },
-            "num_inference_steps": 4,
-            "guidance_scale": 1.0,
-        }
+    def export_defaults(self) -> SamplingSpec:
+        return SamplingSpec("LCMScheduler", num_inference_steps=4, guidance_scale=1.0, scheduler_config={
+            "original_inference_steps": self.config.num_ddim_timesteps,
+            "timestep_scaling": self.config.timestep_scaling_factor})

@@ -19,7 +19,7 @@ from ..lora import LoRASettings
 from ..losses import DistanceSettings, distance, hinge_adversarial_losses
 from ..schedule import diffuse_between, phase_edges, phase_lower_edge, skipping_step_pairs
 from ..solvers import CFGSolverSettings, cfg_teacher_ddim_step, ddim_step, teacher_ddim_step
-from .base import LatentBatch, Method, Teacher
+from .base import LatentBatch, Method, SamplingSpec, Teacher
 
 DISCRIMINATOR = "discriminator"
 
@@ -143,15 +143,8 @@ class PCM(Method):
         # 11. Generator loss: consistency + lambda * adversarial; the discriminator's loss is stepped after it.
         return {"unet": loss + self.config.adv_weight * generator, DISCRIMINATOR: discriminator}
 
-    def export_defaults(self) -> dict:
+    def export_defaults(self) -> SamplingSpec:
         guidance = 1.0 + (self.config.w_min + self.config.w_max) / 2 if self.config.not_apply_cfg_solver else 1.0
-        return {
-            "scheduler": "PCMScheduler",
-            "scheduler_config": {
-                "original_inference_steps": self.config.num_ddim_timesteps,
-                "multiphase": self.config.multiphase,
-                "gamma": 0.0,
-            },
-            "num_inference_steps": self.config.multiphase,
-            "guidance_scale": guidance,
-        }
+        return SamplingSpec("PCMScheduler", num_inference_steps=self.config.multiphase, guidance_scale=guidance,
+                            scheduler_config={"original_inference_steps": self.config.num_ddim_timesteps,
+                                              "multiphase": self.config.multiphase, "gamma": 0.0})

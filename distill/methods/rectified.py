@@ -28,8 +28,8 @@ from ..errors import DistillError
 from ..lora import LoRASettings
 from ..losses import DistanceSettings, distance
 from ..schedule import ddim_timesteps, phase_edges
-from ..solvers import cfg_teacher_prediction, first_order_transfer, phase_noise
-from .base import LatentBatch, Method, Teacher
+from ..solvers import cfg_teacher_prediction, check_fits_teacher, first_order_transfer, phase_noise
+from .base import LatentBatch, Method, SamplingSpec, Teacher
 
 VARIANTS = ("pairs", "phased", "consistency")
 CLEAN = -1  # the timestep index standing for the clean end (alpha = 1, sigma = 0)
@@ -79,6 +79,10 @@ class RectifiedConfig(DistanceSettings, LoRASettings):
         if not 0.0 < self.ema_decay < 1.0:
             raise DistillError(f"--ema_decay must be in (0, 1), got {self.ema_decay}; e.g. 0.9999.")
 
+    def check_against_teacher(self, num_train_timesteps: int) -> None:
+        """The N-point DDIM grid must fit the teacher's T training timesteps (called before any weights load)."""
+        check_fits_teacher("num_ddim_timesteps", self.num_ddim_timesteps, num_train_timesteps)
+
 
 class RectifiedDiffusion(Method):
     """An eps-prediction student (LoRA or full UNet, optional EMA) on the teacher's first-order ODE."""
@@ -96,6 +100,7 @@ class RectifiedDiffusion(Method):
         self.nets["unet"] = teacher.unet
         self.ema = self._make_ema() if config.use_ema else None
         num_train = teacher.schedule.num_train_timesteps
+        config.check_against_teacher(num_train)
         self.grid = ddim_timesteps(num_train, config.num_ddim_timesteps)
         self.skip = num_train // config.num_ddim_timesteps
         self.steps_per_phase = config.num_ddim_timesteps // config.num_phases
@@ -142,16 +147,12 @@ class RectifiedDiffusion(Method):
         self.ema.copy_to([p for p in averaged.parameters() if p.requires_grad])
         return averaged
 
-    def export_defaults(self) -> dict:
+    def export_defaults(self) -> SamplingSpec:
         steps = self.config.num_inference_steps
         if steps is None:
             steps = self.config.num_phases if self.config.rectified_variant == "phased" else 2
-        return {
-            "scheduler": "DDIMScheduler",
-            "scheduler_config": {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False},
-            "num_inference_steps": steps,
-            "guidance_scale": 1.0,
-        }
+        return SamplingSpec("DDIMScheduler", num_inference_steps=steps, guidance_scale=1.0, scheduler_config={
+            "timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False})
 
     # ------------------------------------------------------------------------------------------ pieces
     def teacher_denoiser(self):

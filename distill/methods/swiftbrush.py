@@ -27,7 +27,7 @@ from ..errors import DistillError
 from ..lora import LoRASettings
 from ..score_distillation import (WEIGHTINGS, fake_score_loss, one_step_x0, score_distillation_surrogate,
                                   student_and_fake_score, vsd_gradient)
-from .base import LatentBatch, Method, Teacher
+from .base import LatentBatch, Method, SamplingSpec, Teacher
 
 __all__ = ["SwiftBrush", "SwiftBrushConfig", "one_step_x0"]
 # Learning-rate ratio fake score / student when --fake_score_lr_ratio is not given. SwiftBrush trains a full student
@@ -152,12 +152,7 @@ class SwiftBrush(Method):
         # 7-10. The student's VSD update, then 11-14. the fake score's update on the same (detached) sample.
         return {"unet": self.student_loss(x0, batch), "fake_score": self.fake_score_loss(x0, batch)}
 
-    def export_defaults(self) -> dict:
+    def export_defaults(self) -> SamplingSpec:
         # DDIM, trailing grid, final alpha 1: one step at t = T - 1 returns the x0 above exactly (prev_sample = x0).
-        return {
-            "scheduler": "DDIMScheduler",
-            "scheduler_config": {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False,
-                                 "thresholding": False},
-            "num_inference_steps": 1,
-            "guidance_scale": 1.0,
-        }
+        return SamplingSpec("DDIMScheduler", num_inference_steps=1, guidance_scale=1.0, scheduler_config={
+            "timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False, "thresholding": False})

@@ -21,7 +21,8 @@ from ..errors import DistillError
 from ..lora import LoRASettings
 from ..losses import hinge_adversarial_losses
 from ..schedule import ddim_timesteps, posterior_mean_variance, transition_variance
-from .base import LatentBatch, Method, Teacher
+from ..solvers import check_fits_teacher
+from .base import LatentBatch, Method, SamplingSpec, Teacher
 
 DISCRIMINATOR = "discriminator"
 PREVIOUS_SAMPLES = ("marginal", "posterior")
@@ -62,6 +63,10 @@ class UFOGenConfig(LoRASettings):
             raise DistillError("--adversarial_weight and --reconstruction_weight are both 0: the generator would "
                                "not train. Keep at least one positive (UFOGen uses 1 and 1).")
 
+    def check_against_teacher(self, num_train_timesteps: int) -> None:
+        """The K-point chain must fit the teacher's T training timesteps (called before any weights load)."""
+        check_fits_teacher("num_denoising_steps", self.num_denoising_steps, num_train_timesteps)
+
 
 class UFOGen(Method):
     """A LoRA generator x0' = G_theta(x_t, t) trained against teacher-feature discriminator heads."""
@@ -72,9 +77,7 @@ class UFOGen(Method):
     def __init__(self, teacher: Teacher, config: UFOGenConfig):
         super().__init__(teacher, config)
         num_train_timesteps = teacher.schedule.num_train_timesteps
-        if config.num_denoising_steps > num_train_timesteps:
-            raise DistillError(f"--num_denoising_steps ({config.num_denoising_steps}) cannot exceed the teacher's "
-                               f"{num_train_timesteps} training timesteps.")
+        config.check_against_teacher(num_train_timesteps)
         self.gap = num_train_timesteps // config.num_denoising_steps
         self.lora_params = config.attach_lora(teacher.unet)
         self.nets["unet"] = teacher.unet
@@ -154,13 +157,6 @@ class UFOGen(Method):
         generator = self.config.adversarial_weight * adversarial + self.config.reconstruction_weight * reconstruction
         return {"unet": generator, DISCRIMINATOR: discriminator}
 
-    def export_defaults(self) -> dict:
-        return {
-            "scheduler": "LCMScheduler",
-            "scheduler_config": {
-                "original_inference_steps": self.config.num_denoising_steps,
-                "timestep_scaling": X0_TIMESTEP_SCALING,
-            },
-            "num_inference_steps": 1,
-            "guidance_scale": 1.0,
-        }
+    def export_defaults(self) -> SamplingSpec:
+        return SamplingSpec("LCMScheduler", num_inference_steps=1, guidance_scale=1.0, scheduler_config={
+            "original_inference_steps": self.config.num_denoising_steps, "timestep_scaling": X0_TIMESTEP_SCALING})
