@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/quality.py --student lcm=outputs/digits-demo/lcm-lora \
         --out benchmarks/results/digits
 
-Scores (see distill/demo.py): prompt accuracy of a digit classifier trained on the train split only, and the
+Scores (see distill/demo/run.py): prompt accuracy of a digit classifier trained on the train split only, and the
 Frechet distance in that classifier's feature space to the held-out test digits; NFE counted on the UNet, wall
 time per image. Writes quality.md (table and targets) and quality_vs_nfe.png.
 """
@@ -21,7 +21,7 @@ from diffusers import DPMSolverMultistepScheduler
 
 from distill.demo import (digit_prompts, load_student_pipeline, load_teacher_pipeline, metrics_table, score,
                           student_guidance)
-from distill.digits import build_digits_teacher, digits_split, train_digits_classifier
+from distill.demo.digits import build_digits_teacher, digits_split, train_digits_classifier
 from distill.evaluate import frechet_distance, generate
 
 TEACHER_STEPS = (1, 2, 4, 8, 25, 50)

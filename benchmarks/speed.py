@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from distill.batching import BatchEncoder
-from distill.conditioning import inspect_teacher, native_resolution
+from distill.teacher import inspect_teacher, native_resolution
 from distill.methods import METHODS, Teacher
 from distill.teacher import load_teacher
-from distill.tiny import build_tiny_teacher
+from distill.testing import build_tiny_teacher
 
 
 def peak_memory_mb(device: torch.device) -> float:

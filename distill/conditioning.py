@@ -4,24 +4,19 @@ SD conditions its UNet on one CLIP text encoder's last hidden state. SDXL concat
 penultimate hidden states of two encoders, adds the second encoder's pooled projection and six
 "micro-conditioning" time ids (original size, crop top-left, target size) through
 ``added_cond_kwargs`` (Podell et al. 2023, SDXL, sec. 2.2). Which conditioner a teacher gets is decided by its
-family (distill/families.py); methods only ever see :class:`Cond`. Also here: reading and vetting a teacher folder.
+family (distill/families.py); methods only ever see :class:`Cond`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .errors import DistillError
-
 if TYPE_CHECKING:
-    from .families import TeacherFamily
+    from .teacher import TeacherInfo
 
 logger = logging.getLogger(__name__)
 
@@ -93,144 +88,6 @@ def _same_extra(conds: list[Cond]) -> list[str]:
     if any(n != names[0] for n in names):
         raise ValueError(f"conditions with different extra inputs cannot be combined: {names}")
     return names[0]
-
-
-@dataclass
-class TeacherInfo:
-    """What a teacher folder is: its family (distill/families.py) and what model_index.json says of it."""
-
-    path: str
-    family_spec: TeacherFamily
-    force_zeros_for_empty_prompt: bool = False
-    name: str = ""  # the folder or Hub id as the user gave it (``path`` is the resolved local folder)
-
-    @property
-    def family(self) -> str:
-        """The family's name ("sd", "sdxl"), as distill_config.json, checkpoints and pairs.json record it."""
-        return self.family_spec.name
-
-
-def inspect_teacher(path: str, cache_dir: str | None = None, revision: str | None = None) -> TeacherInfo:
-    """Read a teacher's model_index.json (local folder, or Hub id resolved through the cache) and classify it."""
-    folder = Path(path)
-    if not folder.exists():
-        folder = _resolve_hub_snapshot(path, cache_dir, revision)
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        raise DistillError(
-            f"{path} is not a diffusers pipeline folder (no model_index.json). Point "
-            "--pretrained_teacher_model at a Stable Diffusion 1.x/2.x or SDXL folder saved with save_pretrained."
-        )
-    try:
-        index = json.loads(index_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DistillError(f"{index_file} is damaged (not valid JSON). Re-download the teacher.") from None
-    from .families import detect_family  # families.py builds on this module's conditioners
-
-    family = detect_family(folder, index, path)
-    info = TeacherInfo(str(folder), family, family.force_zeros(index), name=str(path))
-    for component in (family.network_subfolder, "vae", *family.text_encoders):
-        _check_weight_files(folder / component)
-    return info
-
-
-def component_config(folder: Path, component: str, path: str) -> dict:
-    """``<component>/config.json`` of a teacher, or a DistillError saying it is missing or unreadable."""
-    file = folder / component / "config.json"
-    try:
-        return json.loads(file.read_text())
-    except FileNotFoundError:
-        raise DistillError(f"{path} is incomplete: {component}/config.json is missing. Re-download the teacher "
-                           "(or save it again with save_pretrained).") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DistillError(f"{file} is damaged (not valid JSON). Re-download the teacher's {component}/ "
-                           "folder.") from None
-
-
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")  # what from_pretrained reads, no variant
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-
-
-def _safetensors_damage(file: Path) -> str | None:
-    """Why a .safetensors file cannot be complete (its header must describe exactly the bytes it holds), or None.
-
-    Reads the header only, so even a 10 GB UNet is checked in milliseconds.
-    """
-    size = file.stat().st_size
-    if size < 8:
-        return f"{size} bytes, too short for a safetensors header"
-    with open(file, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        if header_size > min(size - 8, MAX_HEADER_BYTES):
-            return f"its header claims {header_size} bytes but the file holds {size}"
-        try:
-            header = json.loads(f.read(header_size))
-            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
-                      default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            return "its header is not valid safetensors JSON"
-    if 8 + header_size + end != size:
-        return f"it holds {size} bytes but its header describes {8 + header_size + end}"
-    return None
-
-
-def _check_weight_files(component: Path) -> None:
-    """Refuse a teacher component whose safetensors weights are cut short or missing (an interrupted download)."""
-    files = [component / name for name in WEIGHT_NAMES if (component / name).is_file()]
-    for name in WEIGHT_NAMES:  # sharded weights: <name>.index.json lists the shard files
-        index = component / f"{name}.index.json"
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise DistillError(f"The teacher's weights index {index} is damaged (not a valid weight map). "
-                                   f"Re-download the teacher's {component.name}/ folder.") from None
-            files += [component / shard for shard in shards]
-    if not files and not any(component.glob("*.safetensors")) and not any(component.glob("*.bin")):
-        raise DistillError(f"The teacher's {component.name}/ folder ({component}) holds no weights file (e.g. "
-                           f"{WEIGHT_NAMES[0 if component.name in ('unet', 'vae') else 1]}). Re-download the "
-                           "teacher.")
-    for file in files:
-        if not file.is_file():
-            raise DistillError(f"The teacher's weights file {file} is missing (its index lists it): an interrupted "
-                               f"download. Re-download the teacher's {component.name}/ folder and rerun.")
-        damage = _safetensors_damage(file)
-        if damage:
-            raise DistillError(f"The teacher's weights file {file} is damaged ({damage}): an interrupted download "
-                               f"or copy cut it short. Re-download {component.name}/{file.name} (or the whole "
-                               "teacher) and rerun.")
-
-
-@contextmanager
-def teacher_load_errors(info: TeacherInfo):
-    """Turn a failure while reading the teacher's weights (a file inspect_teacher could not vet, e.g. a truncated
-    .bin) into one DistillError naming the file diffusers/transformers complained about; out-of-memory passes."""
-    try:
-        yield
-    except (DistillError, torch.OutOfMemoryError, KeyboardInterrupt):
-        raise
-    except Exception as error:
-        detail = " ".join(str(error).split())
-        detail = detail if len(detail) <= 300 else detail[:300] + "..."
-        raise DistillError(f"Could not load the teacher {info.name or info.path} ({type(error).__name__}: {detail}). "
-                           "A file of it is probably damaged or incomplete (an interrupted download): re-download "
-                           "the teacher and rerun.") from None
-
-
-def _resolve_hub_snapshot(repo_id: str, cache_dir: str | None, revision: str | None) -> Path:
-    """Download (or find in the cache) a teacher's files from the Hub."""
-    if repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
-        raise DistillError(f"Teacher folder {repo_id} does not exist. Check --pretrained_teacher_model.")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, cache_dir=cache_dir, revision=revision,
-                                      allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
-    except Exception as error:  # network, auth or missing repo: all user-facing
-        raise DistillError(
-            f"Could not find the teacher {repo_id}: it is not a local folder and the Hub lookup failed "
-            f"({type(error).__name__}). Pass a local folder, or check the repo id and your connection."
-        ) from error
 
 
 class TextConditioner:
@@ -384,13 +241,3 @@ class SDXLTextConditioner(TextConditioner):
                             f"{list(encoders)[-1]}'s pooled projection ({projection}) and six time ids give "
                             f"{projection + 6 * time_dim}")
         return problems
-
-
-def native_resolution(info: TeacherInfo) -> int:
-    """The image size the teacher was trained at (its family reads it from the network and VAE configs)."""
-    return info.family_spec.native_resolution(info.path)
-
-
-def pipeline_class(info: TeacherInfo):
-    """The stock diffusers pipeline class of the teacher's family."""
-    return info.family_spec.pipeline_class()

@@ -28,6 +28,7 @@ from PIL import Image
 
 from .errors import DistillError
 from .image_modes import float_problem, has_transparency, mode_problem, to_rgb, unconvertible
+from .pairs import collate_pairs, load_pair_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -1009,8 +1010,6 @@ def build_training_set(kind: str, config: ImageDataConfig, teacher=None):
     if kind == "prompts":
         return build_prompt_training_set(config), collate_prompts
     if kind == "pairs":
-        from .pairs import collate_pairs, load_pair_dataset
-
         if not config.pairs_dir:
             raise DistillError("This method trains on teacher noise-latent pairs: pass --pairs_dir, the folder "
                                "written by train_scripts/generate_pairs.py.")

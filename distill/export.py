@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .conditioning import TeacherInfo, TextConditioner
+from .conditioning import TextConditioner
+from .teacher import TeacherInfo
 from .lora import KOHYA_WEIGHT_NAME, check_lora_base, save_lora
 
 if TYPE_CHECKING:

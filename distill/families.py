@@ -11,13 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .conditioning import SDTextConditioner, SDXLTextConditioner, TeacherInfo, TextConditioner, component_config
+from .conditioning import SDTextConditioner, SDXLTextConditioner, TextConditioner
 from .errors import DistillError
 from .schedule import NoiseSchedule
+from .teacher_files import component_config
+
+if TYPE_CHECKING:
+    from .teacher import TeacherInfo
 
 # The layers diffusers' LCM-LoRA scripts adapt in a UNet: attention, feed-forward, resnet convs, samplers, time
 # embedding.

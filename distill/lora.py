@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .conditioning import TeacherInfo, component_config
 from .errors import DistillError
 from .families import FAMILIES, UNET_LORA_TARGETS, family_label, get_family
+from .teacher import TeacherInfo
+from .teacher_files import component_config
 
 # The --lora_target_modules default: the list every registered (UNet) family adapts, diffusers' LCM-LoRA list.
 DEFAULT_TARGET_MODULES = list(UNET_LORA_TARGETS)

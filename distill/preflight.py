@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .checkpoints import PARTIAL_SUFFIX, STATE_FILE, check_output_dir, read_state, resume_checkpoint
-from .conditioning import TeacherInfo, inspect_teacher, native_resolution
+from .teacher import TeacherInfo, inspect_teacher, native_resolution
 from .data import ImageDataConfig, build_training_set
 from .errors import DistillError
 from .train_config import TrainConfig

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import DistillError
-from .pairs import teacher_fingerprint
+from .teacher_files import teacher_fingerprint
 
 # Settings a resumed run may change: they do not change the weights a step produces (beyond float noise for the
 # precision and kernel switches), only what is logged, saved or exported, or how long training goes on.

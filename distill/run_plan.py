@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import read_state
+from .errors import DistillError
 from .run_identity import check_resume, run_identity
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,10 @@ class StepPlan:
     @staticmethod
     def of(cfg, num_samples: int, batches_per_process: int, num_processes: int) -> "StepPlan":
         """An epoch ends with a shorter accumulation window when its batch count is not a multiple of the window."""
+        if batches_per_process == 0:
+            raise DistillError(f"The dataset ({num_samples} samples in batches of --train_batch_size "
+                               f"{cfg.train_batch_size}) gives no batch to each of the {num_processes} processes: "
+                               "add data, or lower --train_batch_size or the number of processes.")
         steps_per_epoch = math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
         batch = min(cfg.train_batch_size, num_samples)
         if batch < cfg.train_batch_size:

@@ -1,13 +1,83 @@
-"""Load a teacher: its denoiser network, noise schedule, conditioner, VAE and latent shape, for any registered family."""
+"""What a teacher folder is (its family, checked from its files) and loading it: its denoiser network, noise schedule, conditioner, VAE and latent shape, for any registered family."""
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .conditioning import TeacherInfo, TextConditioner, teacher_load_errors
+from .conditioning import TextConditioner
+from .errors import DistillError
+from .families import TeacherFamily, detect_family
 from .schedule import NoiseSchedule
+from .teacher_files import check_weight_files, resolve_hub_snapshot
+
+
+@dataclass
+class TeacherInfo:
+    """What a teacher folder is: its family (distill/families.py) and what model_index.json says of it."""
+
+    path: str
+    family_spec: TeacherFamily
+    force_zeros_for_empty_prompt: bool = False
+    name: str = ""  # the folder or Hub id as the user gave it (``path`` is the resolved local folder)
+
+    @property
+    def family(self) -> str:
+        """The family's name ("sd", "sdxl"), as distill_config.json, checkpoints and pairs.json record it."""
+        return self.family_spec.name
+
+
+def inspect_teacher(path: str, cache_dir: str | None = None, revision: str | None = None) -> TeacherInfo:
+    """Read a teacher's model_index.json (local folder, or Hub id resolved through the cache) and classify it."""
+    folder = Path(path)
+    if not folder.exists():
+        folder = resolve_hub_snapshot(path, cache_dir, revision)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise DistillError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json). Point "
+            "--pretrained_teacher_model at a Stable Diffusion 1.x/2.x or SDXL folder saved with save_pretrained."
+        )
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DistillError(f"{index_file} is damaged (not valid JSON). Re-download the teacher.") from None
+    family = detect_family(folder, index, path)
+    info = TeacherInfo(str(folder), family, family.force_zeros(index), name=str(path))
+    for component in (family.network_subfolder, "vae", *family.text_encoders):
+        check_weight_files(folder / component)
+    return info
+
+
+
+@contextmanager
+def teacher_load_errors(info: TeacherInfo):
+    """Turn a failure while reading the teacher's weights (a file inspect_teacher could not vet, e.g. a truncated
+    .bin) into one DistillError naming the file diffusers/transformers complained about; out-of-memory passes."""
+    try:
+        yield
+    except (DistillError, torch.OutOfMemoryError, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        detail = " ".join(str(error).split())
+        detail = detail if len(detail) <= 300 else detail[:300] + "..."
+        raise DistillError(f"Could not load the teacher {info.name or info.path} ({type(error).__name__}: {detail}). "
+                           "A file of it is probably damaged or incomplete (an interrupted download): re-download "
+                           "the teacher and rerun.") from None
+
+
+def native_resolution(info: TeacherInfo) -> int:
+    """The image size the teacher was trained at (its family reads it from the network and VAE configs)."""
+    return info.family_spec.native_resolution(info.path)
+
+
+def pipeline_class(info: TeacherInfo):
+    """The stock diffusers pipeline class of the teacher's family."""
+    return info.family_spec.pipeline_class()
 
 
 @dataclass

@@ -174,8 +174,7 @@ class Trainer:
         from diffusers.training_utils import cast_training_params
 
         cfg = self.config
-        method = self.method = self.method_cls(
-            Teacher(teacher.network, teacher.schedule, teacher.info, teacher.latent_shape), self.method_config)
+        method = self.method = self.method_cls(Teacher.of(teacher), self.method_config)
         check_distributed_setup(self.accelerator, self.method_cls.name, method)
         groups = method.trainable()
         for net in method.nets.values():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.tiny import build_tiny_teacher
+from distill.testing import build_tiny_teacher
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One thread per pytest-xdist worker (two workers share the two cores); two when the suite runs in one process.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from distill.batching import BatchEncoder, CachedLatents
-from distill.conditioning import inspect_teacher
+from distill.teacher import inspect_teacher
 from distill.data import ImageDataConfig, build_image_caption_dataset, collate_image_caption
 from distill.teacher import load_teacher
 

@@ -130,7 +130,7 @@ def test_saved_teacher_loads_in_diffusers_and_generates_finite_32px_images(tiny_
 def test_saved_text_encoder_reproduces_the_training_caption_embeddings(tiny_teacher):
     from diffusers import StableDiffusionPipeline
 
-    from distill.tiny import tiny_text_encoder
+    from distill.testing import tiny_text_encoder
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher)
     trained_on = digits._caption_embeddings(tiny_text_encoder(32, 32, with_projection=False, seed=1))

@@ -162,7 +162,7 @@ def test_include_pipeline_adds_the_pipeline_folder(push_run, monkeypatch):
 
 def test_card_offers_the_pipeline_when_it_is_uploaded(push_run, tmp_path):
     """With --hub_include_pipeline the card's second snippet loads the uploaded pipeline/ folder."""
-    from distill.conditioning import inspect_teacher
+    from distill.teacher import inspect_teacher
     from distill.export import write_model_card
     from distill.methods import SamplingSpec
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from distill.conditioning import TextConditioner, inspect_teacher
+from distill.conditioning import TextConditioner
+from distill.teacher import inspect_teacher
 from distill.data import ImageDataConfig, build_training_set
 from distill.errors import DistillError
 from distill.image_modes import to_rgb

@@ -346,7 +346,7 @@ def make_style_lora(teacher: Path, folder: Path) -> Path:
     """A second LoRA on the attention layers only (a stand-in for a style LoRA), with non-zero random weights."""
     from diffusers import UNet2DConditionModel
 
-    from distill.conditioning import inspect_teacher
+    from distill.teacher import inspect_teacher
     from distill.lora import save_lora
 
     unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")

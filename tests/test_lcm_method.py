@@ -6,19 +6,18 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, LCMScheduler
 
-from distill.conditioning import TextConditioner, inspect_teacher, native_resolution
+from distill.conditioning import TextConditioner
+from distill.teacher import inspect_teacher, native_resolution
 from distill.errors import DistillError
 from distill.families import SD, SDXL
-from distill.methods import LCM, LCMConfig, LatentBatch, Teacher
+from distill.methods import LCM, LCMConfig, LatentBatch
 from distill.solvers import cfg_teacher_ddim_step
-from distill.teacher import load_teacher
+from distill.testing import method_on_teacher
 
 
 def make_method(folder, **config) -> tuple[LCM, TextConditioner]:
-    info = inspect_teacher(str(folder))
-    teacher = load_teacher(info, native_resolution(info))
-    network_teacher = Teacher(teacher.network, teacher.schedule, info, teacher.latent_shape)
-    return LCM(network_teacher, LCMConfig(lora_rank=4, **config)), teacher.conditioner
+    method, teacher = method_on_teacher(LCM, LCMConfig(lora_rank=4, **config), folder)
+    return method, teacher.conditioner
 
 
 def make_batch(conditioner: TextConditioner, seed: int = 0) -> LatentBatch:

@@ -11,7 +11,7 @@ from distill.denoiser import Denoiser
 from distill.losses import distance
 from distill.schedule import NoiseSchedule, consistency_boundary_scalings, ddim_timesteps
 from distill.solvers import cfg_teacher_ddim_step, ddim_step, guided
-from distill.tiny import ddpm_scheduler
+from distill.testing import ddpm_scheduler
 
 
 class OracleUNet(torch.nn.Module):

@@ -21,14 +21,13 @@ import torch
 from huggingface_hub import ModelCard
 
 from conftest import subprocess_env
-from distill.conditioning import inspect_teacher, native_resolution
 from distill.data import ImageDataConfig
 from distill.denoiser import Denoiser
 from distill.export import method_description, student_scheduler, write_model_card
 from distill.lora import LoRASettings
 from distill.methods import METHODS, LatentBatch, Method, SamplingSpec, Teacher
-from distill.teacher import load_teacher
 from distill.trainer import Trainer, TrainConfig, stepped_groups
+from distill.testing import method_on_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a handwritten digit seven", "a red square"]
@@ -40,10 +39,7 @@ CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in overrides.items()) for name, 
 def build(teacher_folder: Path, name: str, overrides: dict):
     """(method, loaded teacher), built as Trainer._build_method builds it."""
     cls = METHODS[name]
-    info = inspect_teacher(str(teacher_folder))
-    loaded = load_teacher(info, native_resolution(info))
-    teacher = Teacher(loaded.network, loaded.schedule, loaded.info, loaded.latent_shape)
-    return cls(teacher, cls.Config(**overrides)), loaded
+    return method_on_teacher(cls, cls.Config(**overrides), teacher_folder)
 
 
 def make_batch(method: Method, loaded, seed: int = 0) -> LatentBatch:

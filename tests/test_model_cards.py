@@ -14,7 +14,7 @@ import pytest
 from huggingface_hub import ModelCard
 from jinja2 import Environment, meta
 
-from distill.conditioning import inspect_teacher
+from distill.teacher import inspect_teacher
 from distill.export import card_template, copy_sample_grid, method_description, write_model_card
 from distill.methods import METHODS, LCM, Method, SamplingSpec
 

@@ -20,7 +20,7 @@ from conftest import subprocess_env
 from distill.data import ImageDataConfig, build_training_set
 from distill.errors import DistillError
 from distill.pairs import collate_pairs, load_pair_dataset, sample_noise
-from distill.tiny import build_tiny_teacher
+from distill.testing import build_tiny_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "generate_pairs.py"
@@ -201,7 +201,7 @@ def error_line(argv: list[str]) -> str:
 
 def pair_check(pairs: Path, teacher: Path, resolution: int = 32):
     """The training data path with the run's teacher, as Trainer._validate_inputs calls it."""
-    from distill.conditioning import inspect_teacher
+    from distill.teacher import inspect_teacher
 
     return build_training_set("pairs", ImageDataConfig(pairs_dir=str(pairs), resolution=resolution),
                               inspect_teacher(str(teacher)))

@@ -23,16 +23,18 @@ from diffusers import DDIMScheduler, DDPMScheduler, TCDScheduler, UNet2DConditio
 from safetensors.torch import load_file
 
 from conftest import subprocess_env
-from distill.conditioning import TextConditioner, inspect_teacher, native_resolution, pipeline_class
+from distill.conditioning import TextConditioner
+from distill.teacher import inspect_teacher, pipeline_class
 from distill.discriminator import DiscriminatorHeads, feature_channels, unet_encoder_features
 from distill.errors import DistillError
 from distill.export import student_scheduler
 from distill.losses import hinge_discriminator_loss, hinge_generator_loss
-from distill.methods import PCM, LatentBatch, PCMConfig, SamplingSpec, Teacher
+from distill.methods import PCM, LatentBatch, PCMConfig, SamplingSpec
 from distill.pipelines.scheduler_pcm import PCMScheduler
 from distill.schedule import (NoiseSchedule, ddim_timesteps, diffuse_between, phase_edges, phase_lower_edge,
                               skipping_step_pairs)
 from distill.solvers import cfg_teacher_ddim_step, ddim_step, teacher_ddim_step
+from distill.testing import method_on_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "pcm_lora.py"
@@ -44,12 +46,9 @@ def teacher_scheduler_config(folder) -> dict:
 
 
 def make_method(folder, **config) -> tuple[PCM, TextConditioner]:
-    info = inspect_teacher(str(folder))
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    schedule = NoiseSchedule.from_scheduler_config(teacher_scheduler_config(folder))
-    method = PCM(Teacher(unet, schedule, info), PCMConfig(lora_rank=4, **config))
+    method, teacher = method_on_teacher(PCM, PCMConfig(lora_rank=4, **config), folder)
     torch.nn.init.normal_(method.trainable()["unet"][1], std=0.02)  # move the student off the teacher
-    return method, TextConditioner(info, native_resolution(info))
+    return method, teacher.conditioner
 
 
 def make_batch(conditioner: TextConditioner, seed: int = 0) -> LatentBatch:

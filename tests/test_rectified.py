@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from conftest import subprocess_env
-from distill.conditioning import TextConditioner, inspect_teacher
+from distill.conditioning import TextConditioner
 from distill.errors import DistillError
 from distill.export import student_scheduler
-from distill.methods import LatentBatch, RectifiedConfig, RectifiedDiffusion, Teacher
-from distill.schedule import NoiseSchedule
+from distill.methods import LatentBatch, RectifiedConfig, RectifiedDiffusion
 from distill.solvers import first_order_transfer, phase_noise
+from distill.testing import method_on_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train_scripts" / "rectified_diffusion.py"
@@ -29,12 +29,8 @@ PROMPT = "a handwritten digit seven"
 
 
 def make_method(folder, **config) -> tuple[RectifiedDiffusion, TextConditioner]:
-    info = inspect_teacher(str(folder))
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    schedule = NoiseSchedule.from_scheduler_config(DDPMScheduler.load_config(folder, subfolder="scheduler"))
-    config = RectifiedConfig(**{"lora_rank": 4, **config})
-    method = RectifiedDiffusion(Teacher(unet, schedule, info, (4, 16, 16)), config)
-    return method, TextConditioner(info, 32)
+    method, teacher = method_on_teacher(RectifiedDiffusion, RectifiedConfig(**{"lora_rank": 4, **config}), folder, 32)
+    return method, teacher.conditioner
 
 
 def make_batch(conditioner: TextConditioner, seed: int = 0) -> LatentBatch:

@@ -16,7 +16,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from distill.conditioning import TextConditioner, inspect_teacher, native_resolution
+from distill.conditioning import TextConditioner
+from distill.teacher import inspect_teacher, native_resolution
 from distill.denoiser import AdapterView, Denoiser, using_adapter
 from distill.lora import ADAPTER_NAME, LoRASettings, lora_state_dict, switch_adapter
 from distill.methods import LatentBatch, SwiftBrush, SwiftBrushConfig, Teacher

@@ -25,13 +25,15 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from conftest import subprocess_env
-from distill.conditioning import TextConditioner, inspect_teacher, native_resolution, pipeline_class
+from distill.conditioning import TextConditioner
+from distill.teacher import inspect_teacher, pipeline_class
 from distill.denoiser import Denoiser
 from distill.errors import DistillError
 from distill.export import student_scheduler
-from distill.methods import LatentBatch, SwiftBrush, SwiftBrushConfig, Teacher
+from distill.methods import LatentBatch, SwiftBrush, SwiftBrushConfig
 from distill.schedule import NoiseSchedule
 from distill.score_distillation import one_step_x0, score_distillation_surrogate
+from distill.testing import method_on_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "swiftbrush.py"
@@ -45,15 +47,9 @@ FLAGS = ["--train_batch_size", "2", "--lora_rank", "4", "--fake_lora_rank", "4",
 
 
 def make_method(folder, prediction_type: str | None = None, **config) -> tuple[SwiftBrush, TextConditioner]:
-    info = inspect_teacher(str(folder))
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    scheduler_config = dict(DDPMScheduler.load_config(folder, subfolder="scheduler"))
-    if prediction_type:
-        scheduler_config["prediction_type"] = prediction_type
-    schedule = NoiseSchedule.from_scheduler_config(scheduler_config)
-    config = {"lora_rank": 4, "fake_lora_rank": 4, **config}
-    method = SwiftBrush(Teacher(unet, schedule, info, LATENT_SHAPE), SwiftBrushConfig(**config))
-    return method, TextConditioner(info, native_resolution(info))
+    config = SwiftBrushConfig(**{"lora_rank": 4, "fake_lora_rank": 4, **config})
+    method, teacher = method_on_teacher(SwiftBrush, config, folder, prediction_type=prediction_type)
+    return method, teacher.conditioner
 
 
 def make_batch(conditioner: TextConditioner) -> LatentBatch:
@@ -458,8 +454,6 @@ def same_checkpoint_weights(first: Path, second: Path) -> dict:
 def test_resume_restores_both_adapters_of_the_shared_unet(lora_run, prompts_file, tmp_path):
     """checkpoint-2 resumed in a fresh run ends at step 3 exactly where the uninterrupted run ended: the checkpoint
     stores the student's and the fake score's adapters of the one UNet, and loads each back into its own adapter."""
-    if lora_run.family != "sd":
-        pytest.skip("one family is enough: the checkpoint code does not depend on it")
     assert lora_run.train.returncode == 0, tail(lora_run.train)
     resumed = train(lora_run.teacher, tmp_path / "out", "--prompts_file", str(prompts_file), "--max_train_steps", "3",
                     "--resume_from_checkpoint", str(lora_run.out / "checkpoint-2"), "--no_export_pipeline")

@@ -119,7 +119,7 @@ def exported_lora(teacher: Path, folder: Path) -> Path:
     """A LoRA student folder as training exports it (export_lora_folder), from an untrained adapter."""
     from diffusers import LCMScheduler, UNet2DConditionModel
 
-    from distill.conditioning import inspect_teacher
+    from distill.teacher import inspect_teacher
     from distill.export import export_lora_folder
     from distill.lora import add_lora
     from distill.methods import SamplingSpec
@@ -157,7 +157,7 @@ def test_lora_onto_the_other_family_is_refused_before_loading(family, base_famil
 def test_pipeline_export_refuses_the_other_family_and_writes_nothing(loras, sdxl_teacher, tmp_path):
     from diffusers import LCMScheduler
 
-    from distill.conditioning import inspect_teacher
+    from distill.teacher import inspect_teacher
     from distill.export import export_pipeline_folder
     from distill.methods import SamplingSpec
 

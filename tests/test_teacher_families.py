@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.conditioning import Cond, TextConditioner, inspect_teacher
+from distill.conditioning import Cond, TextConditioner
+from distill.teacher import inspect_teacher
 from distill.denoiser import Denoiser
 from distill.families import FAMILIES, SD, SDXL, family_label, get_family
 from distill.teacher import load_teacher

@@ -64,3 +64,15 @@ def test_a_damaged_checkpoint_is_never_called_the_last_good_one(sd_teacher, imag
     (damaged / "unet_trainable.safetensors").write_bytes(cut[: len(cut) // 2])
     with pytest.raises(DistillError, match=r"loss became nan at step 1; no checkpoint reads back intact\."):
         tiny_run(broken, image_folder, tmp_path / "run").run()
+
+
+def test_a_dataset_with_no_batch_per_process_is_a_clear_error():
+    """3 samples in batches of 2 over 2 processes: accelerate gives no full batch to one process per epoch."""
+    from distill.run_plan import StepPlan
+
+    with pytest.raises(DistillError, match=r"The dataset \(3 samples in batches of --train_batch_size 2\) gives no "
+                                           r"batch to each of the 2 processes"):
+        StepPlan.of(TrainConfig(train_batch_size=2), num_samples=3, batches_per_process=0, num_processes=2)
+    plan = StepPlan.of(TrainConfig(train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=None,
+                                   num_train_epochs=3), num_samples=8, batches_per_process=3, num_processes=1)
+    assert (plan.steps_per_epoch, plan.max_steps, plan.total_batch) == (2, 6, 4)

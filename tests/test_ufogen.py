@@ -9,7 +9,6 @@ repository (stock pipeline + LoRA + scheduler, and the self-contained pipeline f
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
@@ -20,35 +19,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, LCMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, LCMScheduler
 from safetensors.torch import load_file
 
 from conftest import subprocess_env
-from distill.conditioning import TextConditioner, inspect_teacher, native_resolution
+from distill.conditioning import TextConditioner
+
 from distill.discriminator import unet_encoder_features
 from distill.errors import DistillError
 from distill.export import student_pipeline, student_scheduler
-from distill.methods import LatentBatch, Teacher, UFOGen, UFOGenConfig
-from distill.schedule import NoiseSchedule, posterior_mean_variance
+from distill.methods import LatentBatch, UFOGen, UFOGenConfig
+from distill.schedule import posterior_mean_variance
+from distill.testing import method_on_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "ufogen.py"
 PROMPT = "a striped picture number 3"
 
 
-@functools.lru_cache(maxsize=None)
-def frozen_text_conditioner(folder: str) -> TextConditioner:
-    """The teacher's frozen text encoders, loaded once per teacher (nothing trains them)."""
-    info = inspect_teacher(folder)
-    return TextConditioner(info, native_resolution(info))
-
-
 def make_method(folder, **config) -> tuple[UFOGen, TextConditioner]:
-    info = inspect_teacher(str(folder))
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    schedule = NoiseSchedule.from_scheduler_config(DDPMScheduler.load_config(folder, subfolder="scheduler"))
-    method = UFOGen(Teacher(unet, schedule, info, (4, 16, 16)), UFOGenConfig(lora_rank=4, **config))
-    return method, frozen_text_conditioner(str(folder))
+    method, teacher = method_on_teacher(UFOGen, UFOGenConfig(lora_rank=4, **config), folder, 32)
+    return method, teacher.conditioner
 
 
 def make_batch(conditioner: TextConditioner, seed: int = 0) -> LatentBatch:

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from distill.cli import add_dataclass_flags, parse_with_config, pick, run_command
-from distill.pairs import PairGenerationConfig, generate_pairs
+from distill.pair_generation import PairGenerationConfig, generate_pairs
 
 
 def parse_args(argv=None) -> PairGenerationConfig:

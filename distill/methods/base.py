@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..batching import LatentBatch
-from ..conditioning import TeacherInfo
+from ..teacher import TeacherInfo
 from ..denoiser import AdapterView, Denoiser
 from ..schedule import NoiseSchedule
 
@@ -31,6 +31,11 @@ class Teacher:
     schedule: NoiseSchedule
     info: TeacherInfo
     latent_shape: tuple[int, int, int] = (4, 64, 64)  # (channels, height, width) of one latent at training size
+
+    @classmethod
+    def of(cls, loaded) -> "Teacher":
+        """The method's view of a :class:`~distill.teacher.LoadedTeacher` (its network, schedule, family, shape)."""
+        return cls(loaded.network, loaded.schedule, loaded.info, loaded.latent_shape)
 
 
 class Method(abc.ABC):

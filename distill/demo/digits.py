@@ -6,7 +6,7 @@ offline. The digits are upsampled to 32x32 RGB (white digit on black) and captio
 
 * a fixed, stratified train/test split and a Hugging Face "imagefolder" export of it;
 * a small latent-diffusion teacher trained on the train split in a few CPU minutes and saved in the
-  standard diffusers Stable Diffusion layout (reusing the tiny model builders of ``distill.tiny``);
+  standard diffusers Stable Diffusion layout (reusing the tiny model builders of ``distill.testing``);
 * a small CNN digit classifier (accuracy against the prompted digit, and features for a
   Frechet distance, computed by distill.evaluate.frechet_distance).
 """
@@ -366,7 +366,7 @@ def _train_and_save_teacher(tmp: Path, recipe: TeacherRecipe, progress: bool) ->
     """Train the VAE then the UNet on the train split and save the pipeline into tmp."""
     from tqdm.auto import tqdm
 
-    from distill.tiny import build_tiny_teacher, tiny_text_encoder
+    from distill.testing import build_tiny_teacher, tiny_text_encoder
 
     images, labels = digits_split("train")
     pixels = _to_unit_pixels(images) * 2.0 - 1.0
@@ -381,7 +381,7 @@ def _train_and_save_teacher(tmp: Path, recipe: TeacherRecipe, progress: bool) ->
 
 def _train_vae(pixels: torch.Tensor, recipe: TeacherRecipe, bar):
     """Fit the tiny AutoencoderKL to reconstruct pixels in [-1, 1] (MSE + small KL)."""
-    from distill.tiny import tiny_vae
+    from distill.testing import tiny_vae
 
     vae = tiny_vae(recipe.seed).train()
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -409,7 +409,7 @@ def _encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.T
 @torch.no_grad()
 def _caption_embeddings(text_encoder) -> torch.Tensor:
     """Hidden states of the ten captions plus the empty one (index 10), exactly as the SD pipeline encodes them."""
-    from distill.tiny import clip_tokenizer
+    from distill.testing import clip_tokenizer
 
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = clip_tokenizer(scratch)
@@ -422,7 +422,7 @@ def _caption_embeddings(text_encoder) -> torch.Tensor:
 
 def _train_unet(latents: torch.Tensor, labels, caption_embeds: torch.Tensor, recipe: TeacherRecipe, bar):
     """Train the tiny UNet with the epsilon-prediction DDPM loss on scaled latents; return its EMA weights."""
-    from distill.tiny import ddpm_scheduler, tiny_unet
+    from distill.testing import ddpm_scheduler, tiny_unet
 
     unet = tiny_unet(False, TEXT_HIDDEN_SIZE, seed=recipe.seed, block_out_channels=recipe.unet_channels).train()
     generator = torch.Generator().manual_seed(recipe.seed + 2)

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import main as train_main
+from ..cli import main as train_main
 from .digits import (DIGIT_WORDS, build_digits_teacher, caption_for, digits_split,
                      train_digits_classifier, write_digits_image_folder)
-from .evaluate import Samples, frechet_distance, generate
+from ..evaluate import Samples, frechet_distance, generate
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def load_student_pipeline(teacher: Path, student_folder: Path):
     if (student_folder / "pipeline" / "model_index.json").is_file():
         pipe = diffusers.DiffusionPipeline.from_pretrained(student_folder / "pipeline", trust_remote_code=True)
     else:
-        from .conditioning import inspect_teacher, pipeline_class
-        from .lora import check_lora_base
+        from ..teacher import inspect_teacher, pipeline_class
+        from ..lora import check_lora_base
 
         info = inspect_teacher(str(teacher))
         check_lora_base(student_folder, info)  # an SD LoRA onto an SDXL base (or back): one clear error
@@ -113,7 +113,7 @@ def metrics_table(results: dict[str, dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m distill.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/digits-demo"))
     parser.add_argument("--teacher_dir", type=Path, default=Path("outputs/digits-teacher"),
                         help="Where the digits teacher is built once and reused.")
@@ -174,7 +174,3 @@ def main(argv=None) -> int:
     print(table)
     print(f"Wrote {out / 'metrics.md'}, {out / 'grid.png'} and the student in {student}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -197,3 +197,18 @@ def build_tiny_teacher(
         leftover.unlink()
     (folder / "_tokenizer_src").rmdir()
     return folder
+
+
+def method_on_teacher(method_cls, config, folder, resolution: int | None = None, prediction_type: str | None = None):
+    """(method, loaded teacher): ``method_cls`` on the teacher folder, built as the trainer builds it (load_teacher);
+    ``prediction_type`` re-reads the teacher's schedule as eps/v/x0 prediction for tests of each conversion."""
+    from .methods.base import Teacher
+    from .schedule import NoiseSchedule
+    from .teacher import inspect_teacher, load_teacher, native_resolution
+
+    info = inspect_teacher(str(folder))
+    loaded = load_teacher(info, resolution or native_resolution(info))
+    if prediction_type:
+        loaded.schedule = NoiseSchedule.from_scheduler_config({**loaded.scheduler_config,
+                                                               "prediction_type": prediction_type})
+    return method_cls(Teacher.of(loaded), config), loaded
