@@ -180,7 +180,8 @@ def run_command(work: typing.Callable[[], object]) -> int:
     try:
         work()
     except DistillError as error:
-        print(f"error: {error}", file=sys.stderr)
+        sys.stderr.write(f"error: {error}\n")  # one write: lines of several processes sharing a log stay whole
+        sys.stderr.flush()
         return 2
     except TrainingStopped as stopped:  # its one line (checkpoint and resume command) is already printed
         return stopped.exit_code

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill import digits
+from distill.demo import digits
 from distill.errors import DistillError
 
 TINY_RECIPE = dict(
