@@ -11,18 +11,16 @@ from pathlib import Path
 import torch
 
 from .errors import DistillError
-from .families import FAMILIES, UNET_LORA_TARGETS, family_label, get_family
+from .families import FAMILIES, family_label, get_family
 from .teacher import TeacherInfo
 from .teacher_files import component_config
 
-# The --lora_target_modules default: the list every registered (UNet) family adapts, diffusers' LCM-LoRA list.
-DEFAULT_TARGET_MODULES = list(UNET_LORA_TARGETS)
 ADAPTER_NAME = "default"
 logger = logging.getLogger(__name__)
 
 
-def add_lora(unet: torch.nn.Module, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
-             target_modules: list[str] | None = None, rank_flag: str = "--lora_rank") -> list[torch.nn.Parameter]:
+def add_lora(unet: torch.nn.Module, target_modules: list[str] | tuple[str, ...], rank: int = 64,
+             alpha: float | None = None, dropout: float = 0.0, rank_flag: str = "--lora_rank") -> list[torch.nn.Parameter]:
     """Freeze the UNet, attach a LoRA adapter, return the trainable LoRA parameters (warns if ``rank`` is wasted)."""
     from peft import LoraConfig
 
@@ -32,7 +30,7 @@ def add_lora(unet: torch.nn.Module, rank: int = 64, alpha: float | None = None, 
         lora_alpha=rank if alpha is None else alpha,
         lora_dropout=dropout,
         init_lora_weights="gaussian",
-        target_modules=target_modules or DEFAULT_TARGET_MODULES,
+        target_modules=list(target_modules),
     )
     unet.add_adapter(config, adapter_name=ADAPTER_NAME)
     warning = rank_warning(unet, rank, rank_flag)
@@ -74,8 +72,9 @@ class LoRASettings:
         "help": "LoRA alpha: the update B A is scaled by alpha / rank."})
     lora_dropout: float = field(default=0.0, metadata={
         "help": "Dropout on the LoRA branch's input, in [0, 1)."})
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), metadata={
-        "help": "Comma-separated names of the UNet modules to adapt (default: diffusers' LCM-LoRA list)."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Comma-separated names of the network modules to adapt; default: the teacher family's list (for SD "
+                "and SDXL diffusers' LCM-LoRA list: attention projections, feed-forward, resnet and sampler convs)."})
 
     def __post_init__(self):
         if self.lora_rank < 1:
@@ -83,15 +82,20 @@ class LoRASettings:
         if not 0 <= self.lora_dropout < 1:
             raise DistillError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
 
-    def attach_lora(self, unet: torch.nn.Module) -> list[torch.nn.Parameter]:
-        """Freeze ``unet`` and add this LoRA to it; returns the trainable parameters."""
-        return add_lora(unet, self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_target_modules)
+    def targets(self, family_default: tuple[str, ...]) -> list[str]:
+        """--lora_target_modules, or the teacher family's default list."""
+        return list(self.lora_target_modules or family_default)
 
-    def student_parameters(self, unet: torch.nn.Module, full_finetune: bool = False) -> list[torch.nn.Parameter]:
+    def attach_lora(self, unet: torch.nn.Module, family_default: tuple[str, ...]) -> list[torch.nn.Parameter]:
+        """Freeze ``unet`` and add this LoRA to it (on the family's modules by default); returns its parameters."""
+        return add_lora(unet, self.targets(family_default), self.lora_rank, self.lora_alpha, self.lora_dropout)
+
+    def student_parameters(self, unet: torch.nn.Module, family_default: tuple[str, ...],
+                           full_finetune: bool = False) -> list[torch.nn.Parameter]:
         """The student's trainable weights: this LoRA on ``unet``, or every weight of ``unet`` when fully fine-tuning."""
         if full_finetune:
             return list(unet.requires_grad_(True).parameters())
-        return self.attach_lora(unet)
+        return self.attach_lora(unet, family_default)
 
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:

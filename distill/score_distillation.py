@@ -22,7 +22,7 @@ import torch
 
 from .conditioning import Cond
 from .denoiser import AdapterView, Denoiser
-from .lora import ADAPTER_NAME, DEFAULT_TARGET_MODULES, LoRASettings, add_lora, rank_warning
+from .lora import ADAPTER_NAME, LoRASettings, add_lora, rank_warning
 from .losses import distance, score_distillation_surrogate
 from .schedule import NoiseSchedule
 from .solvers import cfg_teacher_prediction
@@ -35,7 +35,7 @@ WEIGHTINGS = ("swiftbrush", "dmd")
 logger = logging.getLogger(__name__)
 
 
-def add_fake_score(unet: torch.nn.Module, rank: int, alpha: float, target_modules: list[str] | None,
+def add_fake_score(unet: torch.nn.Module, rank: int, alpha: float, target_modules: list[str],
                    separate: bool) -> AdapterView:
     """phi <- psi: a new LoRA whose B is zero, so that it starts as the teacher (SwiftBrush, Algorithm 1, line 2).
 
@@ -45,28 +45,28 @@ def add_fake_score(unet: torch.nn.Module, rank: int, alpha: float, target_module
     """
     if separate:
         unet = copy.deepcopy(unet)
-        add_lora(unet, rank, alpha, 0.0, target_modules, rank_flag="--fake_lora_rank")
+        add_lora(unet, target_modules, rank, alpha, 0.0, rank_flag="--fake_lora_rank")
         return AdapterView(unet, ADAPTER_NAME)
     from peft import LoraConfig
 
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights="gaussian",
-                        target_modules=target_modules or DEFAULT_TARGET_MODULES)
+                        target_modules=list(target_modules))
     unet.add_adapter(config, adapter_name=FAKE_SCORE_ADAPTER)
     return AdapterView(unet, FAKE_SCORE_ADAPTER)
 
 
-def student_and_fake_score(unet: torch.nn.Module, student: LoRASettings, full_finetune: bool, fake_rank: int,
-                           fake_alpha: float) -> tuple[torch.nn.Module, list[torch.nn.Parameter], AdapterView]:
+def student_and_fake_score(unet: torch.nn.Module, student: LoRASettings, family_targets: tuple[str, ...],
+                           full_finetune: bool, fake_rank: int, fake_alpha: float) -> tuple[torch.nn.Module, list[torch.nn.Parameter], AdapterView]:
     """phi <- psi, theta <- psi (SwiftBrush, Algorithm 1, line 2): (student network, its trainable weights, fake score).
 
     The student is LoRA "default" on ``unet`` (an ``AdapterView``) or, with ``full_finetune``, ``unet`` itself. The
     fake score is made first (a copy must be the untouched teacher; the same random draws as before either way).
     """
-    fake_score = add_fake_score(unet, fake_rank, fake_alpha, student.lora_target_modules, separate=full_finetune)
+    fake_score = add_fake_score(unet, fake_rank, fake_alpha, student.targets(family_targets), separate=full_finetune)
     with warnings.catch_warnings():  # peft warns about a second adapter on one model: here that is the point
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
-        params = student.student_parameters(unet, full_finetune)
+        params = student.student_parameters(unet, family_targets, full_finetune)
     fake_score.requires_grad_(True)
     if full_finetune:
         return unet, params, fake_score

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import subprocess_env
-from distill.families import SD, SDXL
+from distill.families import SD, SDXL, UNET_LORA_TARGETS
 from distill.lora import add_lora, kohya_layout, kohya_module_names, sgm_module_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def full_unet(request) -> FullUNet:
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
         weights = list(unet.state_dict())
-        add_lora(unet)
+        add_lora(unet, UNET_LORA_TARGETS)
     paths = {key.rsplit(".", 1)[0] for key in weights}
     return FullUNet(family, unet, modules, blocks, weights, {p: sgm_module_path(p, unet.config) for p in paths})
 
@@ -351,7 +351,7 @@ def make_style_lora(teacher: Path, folder: Path) -> Path:
 
     unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
     generator = torch.Generator().manual_seed(1)
-    for param in add_lora(unet, rank=2, alpha=2.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"]):
+    for param in add_lora(unet, ["to_q", "to_k", "to_v", "to_out.0"], rank=2, alpha=2.0):
         param.data = 0.3 * torch.randn(param.shape, generator=generator)
     return save_lora(folder, unet, inspect_teacher(str(teacher))).parent
 

@@ -222,7 +222,7 @@ class TwoRateToy(Method):
 
     def __init__(self, teacher: Teacher, config: TwoRateConfig):
         super().__init__(teacher, config)
-        self.lora_params = config.attach_lora(teacher.unet)
+        self.lora_params = config.attach_lora(teacher.unet, teacher.lora_targets)
         self.nets["unet"] = teacher.unet
         self.nets["head"] = torch.nn.Linear(teacher.latent_shape[0], 1)
         self.head_params = list(self.nets["head"].parameters())

@@ -17,13 +17,14 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from distill.conditioning import TextConditioner
-from distill.teacher import inspect_teacher, native_resolution
 from distill.denoiser import AdapterView, Denoiser, using_adapter
+from distill.families import UNET_LORA_TARGETS
 from distill.lora import ADAPTER_NAME, LoRASettings, lora_state_dict, switch_adapter
 from distill.methods import LatentBatch, SwiftBrush, SwiftBrushConfig, Teacher
 from distill.schedule import NoiseSchedule
 from distill.score_distillation import (FAKE_SCORE_ADAPTER, fake_score_loss, one_step_x0, real_score,
                                         student_and_fake_score, vsd_weight)
+from distill.teacher import inspect_teacher, native_resolution
 
 LATENT_SHAPE = (4, 16, 16)
 ADAPTERS = (ADAPTER_NAME, FAKE_SCORE_ADAPTER)
@@ -63,7 +64,7 @@ def batch_for(folder) -> LatentBatch:
 def shared(sd_teacher):
     """The tiny teacher's UNet with the student's LoRA and the fake score's LoRA, both moved off zero."""
     unet = UNet2DConditionModel.from_pretrained(sd_teacher, subfolder="unet")
-    student, student_params, fake = student_and_fake_score(unet, LoRASettings(lora_rank=4), False, 4, 4.0)
+    student, student_params, fake = student_and_fake_score(unet, LoRASettings(lora_rank=4), UNET_LORA_TARGETS, False, 4, 4.0)
     perturb(student_params, seed=1)
     perturb(fake.parameters(), seed=2)
     return unet, student, student_params, fake
@@ -269,7 +270,7 @@ def test_a_half_precision_student_unet_runs_as_accelerate_prepares_networks(sdxl
 def test_a_full_student_keeps_a_separate_copy_of_the_teacher_for_the_fake_score(sd_teacher):
     unet = UNet2DConditionModel.from_pretrained(sd_teacher, subfolder="unet")
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
-    student, params, fake = student_and_fake_score(unet, LoRASettings(lora_rank=4), True, 4, 4.0)
+    student, params, fake = student_and_fake_score(unet, LoRASettings(lora_rank=4), UNET_LORA_TARGETS, True, 4, 4.0)
     assert student is unet and not getattr(unet, "peft_config", None) and params == list(unet.parameters())
     assert isinstance(fake, AdapterView) and fake.unet is not unet
     with torch.no_grad():

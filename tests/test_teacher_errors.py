@@ -121,12 +121,13 @@ def exported_lora(teacher: Path, folder: Path) -> Path:
 
     from distill.teacher import inspect_teacher
     from distill.export import export_lora_folder
+    from distill.families import UNET_LORA_TARGETS
     from distill.lora import add_lora
     from distill.methods import SamplingSpec
 
     info = inspect_teacher(str(teacher))
     unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
-    add_lora(unet, rank=4)
+    add_lora(unet, UNET_LORA_TARGETS, rank=4)
     scheduler = LCMScheduler.from_pretrained(teacher, subfolder="scheduler")
     sampling = SamplingSpec("LCMScheduler", num_inference_steps=4, guidance_scale=1.0)
     return export_lora_folder(folder, unet, info, scheduler, sampling,

@@ -178,3 +178,19 @@ def test_conditions_with_different_extras_are_not_combined():
         Cond.cat([with_extra, without])
     with pytest.raises(ValueError, match="different extra inputs"):
         with_extra.where(torch.tensor([True]), without)
+
+
+def test_the_lora_adapts_the_family_default_modules_unless_flags_name_others(sd_teacher):
+    """--lora_target_modules unset: the teacher family's list; set: exactly the modules named."""
+    from distill.families import SD
+    from distill.methods import LCM, LCMConfig
+    from distill.testing import method_on_teacher
+
+    default, _ = method_on_teacher(LCM, LCMConfig(lora_rank=4), sd_teacher)
+    assert set(default.teacher.unet.peft_config["default"].target_modules) == set(SD.lora_target_modules)
+    assert default.teacher.lora_targets == SD.lora_target_modules
+    chosen, _ = method_on_teacher(LCM, LCMConfig(lora_rank=4, lora_target_modules=["to_q", "to_v"]), sd_teacher)
+    assert set(chosen.teacher.unet.peft_config["default"].target_modules) == {"to_q", "to_v"}
+    adapted = {name.rsplit(".", 1)[-1] for name, module in chosen.teacher.unet.named_modules()
+               if hasattr(module, "lora_A") and "default" in module.lora_A}
+    assert adapted == {"to_q", "to_v"}

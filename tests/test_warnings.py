@@ -44,10 +44,11 @@ def test_fp16_on_cpu_and_oversized_rank_warn_once(tmp_path, sd_teacher, image_fo
 def test_rank_warning_names_the_layers_only_when_rank_exceeds_them(sd_teacher):
     from diffusers import UNet2DConditionModel
 
+    from distill.families import UNET_LORA_TARGETS
     from distill.lora import add_lora, rank_warning
 
     unet = UNet2DConditionModel.from_pretrained(sd_teacher, subfolder="unet")
-    add_lora(unet, rank=4)
+    add_lora(unet, UNET_LORA_TARGETS, rank=4)
     assert rank_warning(unet, 32) is None  # every adapted layer of the tiny UNet has at least 32 in and out
     message = rank_warning(unet, 33, "--fake_lora_rank")
     assert message.startswith("--fake_lora_rank 33 is larger than ") and "to 32 or less" in message

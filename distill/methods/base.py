@@ -32,6 +32,11 @@ class Teacher:
     info: TeacherInfo
     latent_shape: tuple[int, int, int] = (4, 64, 64)  # (channels, height, width) of one latent at training size
 
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """The modules a LoRA adapts by default on this teacher's network (its family's list)."""
+        return self.info.family_spec.lora_target_modules
+
     @classmethod
     def of(cls, loaded) -> "Teacher":
         """The method's view of a :class:`~distill.teacher.LoadedTeacher` (its network, schedule, family, shape)."""

@@ -30,7 +30,7 @@ class LCM(Method):
 
     def __init__(self, teacher: Teacher, config: LCMConfig):
         super().__init__(teacher, config)
-        self.lora_params = config.attach_lora(teacher.unet)
+        self.lora_params = config.attach_lora(teacher.unet, teacher.lora_targets)
         self.nets["unet"] = teacher.unet
         self.grid, self.skip = config.skipping_grid(teacher.schedule.num_train_timesteps)
 

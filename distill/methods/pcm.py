@@ -72,7 +72,7 @@ class PCM(Method):
         super().__init__(teacher, config)
         num_train_timesteps = teacher.schedule.num_train_timesteps
         self.grid, self.skip = config.skipping_grid(num_train_timesteps)
-        self.lora_params = config.attach_lora(teacher.unet)
+        self.lora_params = config.attach_lora(teacher.unet, teacher.lora_targets)
         self.nets["unet"] = teacher.unet
         self.edges = phase_edges(num_train_timesteps, config.num_ddim_timesteps, config.multiphase)
         if config.adv_weight > 0:

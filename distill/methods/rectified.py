@@ -96,7 +96,7 @@ class RectifiedDiffusion(Method):
         # The phased variant needs the teacher while a fully fine-tuned UNet trains: keep a frozen copy.
         self.frozen_teacher = (copy.deepcopy(teacher.unet).requires_grad_(False).eval()
                                if config.full_finetune and config.rectified_variant == "phased" else None)
-        self.params = config.student_parameters(teacher.unet, config.full_finetune)
+        self.params = config.student_parameters(teacher.unet, teacher.lora_targets, config.full_finetune)
         self.nets["unet"] = teacher.unet
         self.ema = self._make_ema() if config.use_ema else None
         num_train = teacher.schedule.num_train_timesteps

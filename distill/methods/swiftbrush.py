@@ -87,7 +87,8 @@ class SwiftBrush(Method):
         # 2. phi <- psi, theta <- psi: a fake-score LoRA on the teacher's UNet (on a copy of it for a full student),
         # and the student's LoRA on the same UNet (or every weight of it).
         student, self.student_params, fake_score = student_and_fake_score(
-            teacher.unet, config, config.full_finetune, config.fake_lora_rank, config.fake_lora_alpha)
+            teacher.unet, config, teacher.lora_targets, config.full_finetune, config.fake_lora_rank,
+            config.fake_lora_alpha)
         self.fake_params = list(fake_score.parameters())
         self.nets["unet"] = student
         self.nets["fake_score"] = fake_score

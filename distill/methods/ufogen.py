@@ -79,7 +79,7 @@ class UFOGen(Method):
         num_train_timesteps = teacher.schedule.num_train_timesteps
         config.check_against_teacher(num_train_timesteps)
         self.gap = num_train_timesteps // config.num_denoising_steps
-        self.lora_params = config.attach_lora(teacher.unet)
+        self.lora_params = config.attach_lora(teacher.unet, teacher.lora_targets)
         self.nets["unet"] = teacher.unet
         self.nets[DISCRIMINATOR] = DiscriminatorHeads.from_unet_config(teacher.unet.config).to(
             teacher.unet.device)
