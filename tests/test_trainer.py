@@ -76,3 +76,15 @@ def test_a_dataset_with_no_batch_per_process_is_a_clear_error():
     plan = StepPlan.of(TrainConfig(train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=None,
                                    num_train_epochs=3), num_samples=8, batches_per_process=3, num_processes=1)
     assert (plan.steps_per_epoch, plan.max_steps, plan.total_batch) == (2, 6, 4)
+
+
+def test_a_batch_larger_than_the_dataset_warns_once_with_the_real_total_batch(caplog):
+    from distill.run_plan import StepPlan
+
+    with caplog.at_level("WARNING", logger="distill.run_plan"):
+        plan = StepPlan.of(TrainConfig(train_batch_size=16, gradient_accumulation_steps=2, max_train_steps=5),
+                           num_samples=6, batches_per_process=1, num_processes=1)
+    assert plan.total_batch == 12
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["The dataset has 6 samples, fewer than --train_batch_size 16: every batch holds 6 samples, "
+                        "so the total batch is 12, not 32."]
