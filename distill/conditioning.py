@@ -9,6 +9,7 @@ family (distill/families.py); methods only ever see :class:`Cond`.
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -90,7 +91,7 @@ def _same_extra(conds: list[Cond]) -> list[str]:
     return names[0]
 
 
-class TextConditioner:
+class TextConditioner(abc.ABC):
     """Tokenizers and frozen text encoders of a teacher, turning prompts into :class:`Cond`.
 
     ``TextConditioner(info, ...)`` builds the conditioner class of ``info``'s family (as ``pathlib.Path(...)``
@@ -130,10 +131,10 @@ class TextConditioner:
     def device(self):
         return self.text_encoders[0].device
 
+    @abc.abstractmethod
     def encode(self, prompts: list[str], original_size=None, crop_top_left=None) -> Cond:
         """The condition of each prompt (``original_size``/``crop_top_left``: per-image sizes, where the family
         conditions on them)."""
-        raise NotImplementedError
 
     def empty_prompt(self) -> Cond:
         """The condition of the empty prompt, for one sample."""
