@@ -1,9 +1,11 @@
-"""A diffusion-GAN discriminator: a frozen UNet's encoder features with small trainable heads.
+"""Diffusion-GAN discriminators on a UNet's encoder features.
 
-The feature extractor is the teacher UNet itself (for LoRA students: the student's UNet with its adapters disabled),
-run only through its encoder half (conv_in, time/added embeddings, down blocks, mid block) and kept differentiable
-with respect to its input so the generator receives gradients. Only the heads are trained (PCM's adversarial
-consistency loss, Wang et al. 2024; the same construction serves UFOGen-style diffusion GANs).
+* PCM / UFOGen: the frozen teacher UNet (for LoRA students: the student's UNet with its adapters disabled), run only
+  through its encoder half (conv_in, time/added embeddings, down blocks, mid block) and kept differentiable with
+  respect to its input so the generator receives gradients; only small heads, one per feature level, are trained
+  (PCM's adversarial consistency loss, Wang et al. 2024; UFOGen-style diffusion GANs).
+* DMD2: a classifier on the bottleneck (mid block) features of the fake score, trained together with the fake score
+  (DMD2, Yin et al. 2024, sec. 4.3); the generator reads it with both frozen.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import math
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from .denoiser import using_adapter
 
 
 def unet_encoder_features(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
@@ -45,6 +49,41 @@ def unet_encoder_features(unet: nn.Module, sample: torch.Tensor, timestep: torch
             hidden = unet.mid_block(hidden, emb)
         features.append(hidden)
     return features
+
+
+@contextlib.contextmanager
+def capture_bottleneck(unet: nn.Module):
+    """Inside the block, ``captured[0]`` is the output of ``unet``'s mid block in its latest forward (the full forward
+    still runs: one call gives a network's prediction and its bottleneck features, as DDP wants one call per step)."""
+    captured: list[torch.Tensor] = []
+
+    def keep(module, inputs, output):
+        captured[:] = [output]
+
+    handle = unet.mid_block.register_forward_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def frozen_parameters(module: nn.Module):
+    """Inside the block no parameter of ``module`` records gradients (the graph built there reaches only inputs)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def frozen_call(module: nn.Module, *args):
+    """``module(*args)`` with its weights detached: a loss through it reaches the inputs, never the weights."""
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return functional_call(module, params, args)
 
 
 @contextlib.contextmanager
@@ -112,5 +151,49 @@ class DiscriminatorHeads(nn.Module):
 
     def frozen(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """The same logits with the heads' weights detached: the generator's loss reaches only the generator."""
-        params = {name: p.detach() for name, p in self.named_parameters()}
-        return functional_call(self, params, (features,))
+        return frozen_call(self, features)
+
+
+def bottleneck_size(unet_config, latent_size: int) -> int:
+    """Side of the mid block's feature map: each down block but the last halves the latent (diffusers' UNet2D)."""
+    return max(latent_size // 2 ** (len(unet_config["down_block_types"]) - 1), 1)
+
+
+class BottleneckClassifier(nn.Module):
+    """DMD2's realism classifier on bottleneck features (DMD2, Yin et al. 2024, sec. 4.3): 4x4 stride-2 convolutions
+    down to 4x4 (8x8 -> 4x4 for SD1.5 at 512 px, 32x32 -> 4x4 for SDXL at 1024 px), one convolution to 1x1, then a
+    1x1 convolution to one logit; GroupNorm and SiLU after each but the last, as the reference code builds it."""
+
+    def __init__(self, channels: int, size: int, norm_num_groups: int = 32):
+        super().__init__()
+        groups = math.gcd(norm_num_groups, channels)
+        layers: list[nn.Module] = []
+        while size > 4:
+            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU()]
+            size //= 2
+        layers += [nn.Conv2d(channels, channels, size, stride=size), nn.GroupNorm(groups, channels), nn.SiLU(),
+                   nn.Conv2d(channels, 1, 1)]
+        self.layers = nn.Sequential(*layers)
+
+    @classmethod
+    def from_unet_config(cls, unet_config, latent_size: int) -> "BottleneckClassifier":
+        """A classifier for the mid block of a UNet with this config at latents of side ``latent_size``."""
+        return cls(unet_config["block_out_channels"][-1], bottleneck_size(unet_config, latent_size),
+                   unet_config.get("norm_num_groups") or 32)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        """One realism logit per sample, shape (batch,)."""
+        return self.layers(feature.to(self.layers[0].weight.dtype)).flatten()
+
+    def frozen(self, feature: torch.Tensor) -> torch.Tensor:
+        """The same logits with the classifier's weights detached: the generator's loss reaches only the generator."""
+        return frozen_call(self, feature)
+
+
+def adapter_bottleneck(view, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    """Mid-block features of an ``AdapterView``'s UNet with only its adapter on, differentiable w.r.t. ``x`` and not
+    w.r.t. any weight (DMD2's generator reads the fake score's bottleneck frozen; sec. 4.3). The encoder half only."""
+    unet = view.unet
+    with using_adapter(unet, view.adapter), _without_gradient_checkpointing(unet), frozen_parameters(view):
+        dtype = unet.dtype
+        return unet_encoder_features(unet, x.to(dtype), t, **cond.to(x.device, dtype).unet_kwargs())[-1]

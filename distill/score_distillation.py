@@ -98,7 +98,8 @@ def real_score(net: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, un
 
 def vsd_weight(schedule: NoiseSchedule, t: torch.Tensor, x0: torch.Tensor, x0_real: torch.Tensor,
                weighting: str) -> torch.Tensor:
-    """omega(t): sigma_t^2 (SwiftBrush's code) or sigma_t / (alpha_t mean|x0 - x0_real|) (DMD, Yin et al. 2024, eq. 8).
+    """omega(t): sigma_t^2 (SwiftBrush's code) or sigma_t / (alpha_t mean|x0 - x0_real|) (DMD, Yin et al. 2024,
+    sec. 3.2: the per-sample normalisation of the reference code, grad / mean|x0 - x0_real|).
 
     DMD writes its gradient in x0 space, (x0_fake - x0_real) / mean|x0 - x0_real|; with x0 = (x_t - sigma_t eps) /
     alpha_t for both scores at the same x_t this is the eps-space gradient times sigma_t / alpha_t / mean|...|.
@@ -114,7 +115,8 @@ def vsd_weight(schedule: NoiseSchedule, t: torch.Tensor, x0: torch.Tensor, x0_re
 def vsd_gradient(fake_score: Denoiser, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
                  uncond: Cond, guidance_scale: float, weighting: str) -> torch.Tensor:
     """omega(t) (eps_psi^w(x_t, t, y) - eps_phi(x_t, t, y)): dL/dx0 of VSD (ProlificDreamer, Wang et al. 2023, eq. 9;
-    SwiftBrush, Algorithm 1, line 10), or of DMD's KL (Yin et al. 2024, eq. 7) with ``weighting`` "dmd".
+    SwiftBrush, Algorithm 1, line 10), or of DMD's KL(p_fake || p_real) (Yin et al. 2024, sec. 3.2) with
+    ``weighting`` "dmd".
 
     The real score is the fake score's network with its adapters off (the teacher, whether the fake score is an adapter
     of the student's UNet or of a copy). The fake score is conditional only (Algorithm 1 writes eps_phi(x_t, t, y);
@@ -129,7 +131,7 @@ def vsd_gradient(fake_score: Denoiser, x0: torch.Tensor, x_t: torch.Tensor, t: t
 def fake_score_loss(fake_score: Denoiser, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                     cond: Cond) -> torch.Tensor:
     """||eps_phi(alpha_t sg(x0) + sigma_t eps, t, y) - eps||^2: denoising score matching of the fake score on the
-    generator's samples (SwiftBrush, Algorithm 1, lines 13-14; ProlificDreamer, eq. 8; DMD, eq. 6 in eps form)."""
+    generator's samples (SwiftBrush, Algorithm 1, lines 13-14; ProlificDreamer; DMD sec. 3.2, in eps form)."""
     x_t = fake_score.schedule.add_noise(x0.detach(), eps, t)
     _, eps_fake = fake_score(x_t, t, cond)
     return distance(eps_fake, eps, "l2")

@@ -271,7 +271,9 @@ class Trainer:
 
     def _train_micro_batch(self, batch, encoder, groups, optimizers, schedulers, step: int, micro: int) -> dict:
         """Encode, compute the method's losses, and step the optimizer of each returned loss (accelerate handles
-        accumulation); groups without a loss this step keep their weights, optimizer state and learning rate."""
+        accumulation); groups without a loss this step keep their weights and optimizer state. Every group's
+        learning-rate schedule follows the optimizer step count (DMD2's reference steps both of its schedulers every
+        iteration), so a group updated every N-th step warms up over --lr_warmup_steps steps, not N times as many."""
         accelerator, method = self.accelerator, self.method
         self._seed_micro_batch(step, micro)
         with accelerator.accumulate(*method.nets.values()):
@@ -283,8 +285,9 @@ class Trainer:
                 if accelerator.sync_gradients and self.config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(groups[name], self.config.max_grad_norm)
                 optimizers[name].step()
-                schedulers[name].step()
                 optimizers[name].zero_grad(set_to_none=True)
+            for scheduler in schedulers.values():
+                scheduler.step()
         return losses
 
     def _after_step(self, step: int, max_steps: int) -> None:

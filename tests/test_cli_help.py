@@ -45,7 +45,7 @@ def helps() -> dict[str, dict[str, str]]:
 
 def test_every_script_is_checked():
     assert {"lcm_lora.py", "pcm_lora.py", "rectified_diffusion.py", "swiftbrush.py", "ufogen.py",
-            "generate_pairs.py"} <= set(SCRIPTS)
+            "dmd2.py", "generate_pairs.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

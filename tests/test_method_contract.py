@@ -32,7 +32,7 @@ from distill.testing import method_on_teacher
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a handwritten digit seven", "a red square"]
 # Every registered method with its defaults, plus variants that train more networks than the default does.
-CASES = [(name, {}) for name in METHODS] + [("pcm", {"adv_weight": 0.1})]
+CASES = [(name, {}) for name in METHODS] + [("pcm", {"adv_weight": 0.1}), ("dmd2", {"gen_cls_loss_weight": 0.0})]
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in overrides.items()) for name, overrides in CASES]
 
 
@@ -272,10 +272,13 @@ def test_trainer_steps_a_group_only_on_the_steps_that_return_its_loss(sd_teacher
     after = trainer.method.head_after_step
     changed = [not all(torch.equal(a, b) for a, b in zip(after[step], after[step - 1])) for step in range(4)]
     assert changed == [False, True, False, True]
-    # The schedules in trainable() order (unet, head), from the final checkpoint: the head's stepped twice, not four
-    # times (an optimizer step without gradients would leave the weights alone but advance the schedule).
+    # The schedules in trainable() order (unet, head), from the final checkpoint: both follow the optimizer step count
+    # (as DMD2's reference steps its generator's schedule on the steps the generator skips), and the head's optimizer
+    # stepped only twice (its Adam step count), so the skipped steps left its weights and moments alone.
     schedules = [torch.load(out / "checkpoint-4" / f, weights_only=False) for f in ("scheduler.bin", "scheduler_1.bin")]
-    assert [s["last_epoch"] for s in schedules] == [4, 2]
+    assert [s["last_epoch"] for s in schedules] == [4, 4]
+    head_state = torch.load(out / "checkpoint-4" / "optimizer_1.bin", weights_only=False)["state"]
+    assert {int(state["step"]) for state in head_state.values()} == {2}
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent)).Reload()
     assert [e.step for e in events.Scalars("loss/unet")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("loss/head")] == [2, 4]  # logged only when returned

@@ -1,6 +1,7 @@
 """Distillation methods: one file each, registered below with one line each (see docs/adding_a_method.md)."""
 
 from .base import LatentBatch, Method, SamplingSpec, Teacher
+from .dmd2 import DMD2, DMD2Config
 from .lcm import LCM, LCMConfig
 from .pcm import PCM, PCMConfig
 from .rectified import RectifiedConfig, RectifiedDiffusion
@@ -14,6 +15,7 @@ REGISTERED: list[type[Method]] = [
     RectifiedDiffusion,
     SwiftBrush,
     UFOGen,
+    DMD2,
 ]
 
 
@@ -36,6 +38,6 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["LCM", "LCMConfig", "LatentBatch", "METHODS", "Method", "PCM", "PCMConfig", "REGISTERED", "RectifiedConfig",
+__all__ = ["DMD2", "DMD2Config", "LCM", "LCMConfig", "LatentBatch", "METHODS", "Method", "PCM", "PCMConfig", "REGISTERED", "RectifiedConfig",
            "RectifiedDiffusion", "SamplingSpec", "SwiftBrush", "SwiftBrushConfig", "Teacher", "UFOGen", "UFOGenConfig",
            "get_method"]

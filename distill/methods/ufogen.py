@@ -20,7 +20,8 @@ from ..discriminator import DiscriminatorHeads, teacher_features
 from ..errors import DistillError
 from ..lora import LoRASettings
 from ..losses import hinge_adversarial_losses
-from ..schedule import ddim_timesteps, posterior_mean_variance, transition_variance
+from ..renoising import chain_timesteps, renoising_sample, x0_chain_scheduler_config
+from ..schedule import posterior_mean_variance, transition_variance
 from ..solvers import check_fits_teacher
 from .base import LatentBatch, Method, SamplingSpec, Teacher
 
@@ -29,9 +30,6 @@ PREVIOUS_SAMPLES = ("marginal", "posterior")
 # The discriminator heads' default learning rate (the reference trains its discriminator with Adam at 1e-4);
 # override with --learning_rates discriminator=<lr>.
 DISCRIMINATOR_LEARNING_RATE = 1e-4
-# LCMScheduler's denoised output is c_skip(t) x_t + c_out(t) x0'; with the timestep scaled by 1e6, c_out(t) = 1 and
-# c_skip(t) < 1e-15 on every chain timestep (t >= 1), so the scheduler returns the generator's x0' itself.
-X0_TIMESTEP_SCALING = 1e6
 
 
 @dataclass
@@ -115,23 +113,13 @@ class UFOGen(Method):
 
     def chain_timesteps(self, num_steps: int) -> torch.Tensor:
         """num_steps evenly spaced points, from T-1 down, of the K-point chain t_k = k T/K - 1 (UFOGen sec. 4.1)."""
-        if not 1 <= num_steps <= self.config.num_denoising_steps:
-            raise ValueError(f"num_steps must be in [1, {self.config.num_denoising_steps}], got {num_steps}")
-        chain = ddim_timesteps(self.teacher.schedule.num_train_timesteps, self.config.num_denoising_steps).flip(0)
-        return chain[torch.arange(num_steps) * self.config.num_denoising_steps // num_steps]
+        return chain_timesteps(self.teacher.schedule.num_train_timesteps, self.config.num_denoising_steps, num_steps)
 
-    @torch.no_grad()
     def sample(self, noise: torch.Tensor, cond: Cond, timesteps: torch.Tensor,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """UFOGen sampling: x0' = G(x_t, t), then re-noise x0' to the next t with fresh noise (UFOGen sec. 4.1)."""
-        x = noise
-        for i, t in enumerate(timesteps):
-            x0 = self.generate(x, t.view(1).expand(len(x)).to(x.device), cond)
-            if i + 1 == len(timesteps):
-                return x0
-            fresh = torch.randn(x.shape, generator=generator, dtype=x0.dtype).to(x.device)
-            x = self.teacher.schedule.add_noise(x0, fresh, timesteps[i + 1].view(1).expand(len(x)))
-        return x
+        return renoising_sample(lambda x, t: self.generate(x, t, cond), noise, timesteps, self.teacher.schedule,
+                                generator)
 
     def loss(self, batch: LatentBatch, step: int) -> dict[str, torch.Tensor]:
         x0 = batch.latents.float()
@@ -158,5 +146,5 @@ class UFOGen(Method):
         return {"unet": generator, DISCRIMINATOR: discriminator}
 
     def export_defaults(self) -> SamplingSpec:
-        return SamplingSpec("LCMScheduler", num_inference_steps=1, guidance_scale=1.0, scheduler_config={
-            "original_inference_steps": self.config.num_denoising_steps, "timestep_scaling": X0_TIMESTEP_SCALING})
+        return SamplingSpec("LCMScheduler", num_inference_steps=1, guidance_scale=1.0,
+                            scheduler_config=x0_chain_scheduler_config(self.config.num_denoising_steps))
