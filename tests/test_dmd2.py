@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, LCMScheduler
+from diffusers import DDPMScheduler, LCMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from conftest import subprocess_env
@@ -421,6 +423,10 @@ def test_resumed_run_ends_bit_for_bit_where_the_uninterrupted_run_ends(sdxl_runs
     assert sdxl_runs.full.returncode == 0, tail(sdxl_runs.full)
     assert sdxl_runs.partial.returncode == 0, tail(sdxl_runs.partial)
     assert sdxl_runs.resumed.returncode == 0, tail(sdxl_runs.resumed)
+    # It did resume (a run that ignored --resume_from_checkpoint and restarted would end with the same weights: every
+    # micro-batch's draws depend only on the seed and its position).
+    assert f"Loading states from {sdxl_runs.resumed_out / 'checkpoint-4'}" in sdxl_runs.resumed.stderr, \
+        tail(sdxl_runs.resumed)
     full = load_file(sdxl_runs.full_out / "pytorch_lora_weights.safetensors")
     resumed = load_file(sdxl_runs.resumed_out / "pytorch_lora_weights.safetensors")
     assert full and set(full) == set(resumed)
@@ -507,3 +513,101 @@ def test_prompts_only_run_exports_a_one_step_student(sd_prompts_run):
     assert sampling == {"scheduler": "LCMScheduler", "num_inference_steps": 1, "guidance_scale": 1.0}
     index = json.loads((out / "pipeline" / "model_index.json").read_text())
     assert index["scheduler"] == ["diffusers", "LCMScheduler"]
+
+
+def test_sd_run_resumes_bit_for_bit(sd_teacher, sd_prompts_run, tmp_path):
+    """SD 1.x without the GAN term (two optimizers, no classifier): the prompts-only run's checkpoint-2, resumed with
+    'latest' to step 11, ends where an uninterrupted 11-step run ends. With the family's ratio 10 the generator
+    steps at 0 and 10, so its second update happens after the resume, from its restored Adam state."""
+    out, first = sd_prompts_run
+    assert first.returncode == 0, tail(first)
+    prompts = ["--prompts_file", str(out.parent / "prompts.txt"), "--gen_cls_loss_weight", "0", *COMMON,
+               "--max_train_steps", "11"]
+    resumed_out = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed_out / "checkpoint-2")  # the checkpoint only, not the 2-step export
+    resumed = train(sd_teacher, resumed_out, *prompts, "--resume_from_checkpoint", "latest", "--no_export_pipeline")
+    assert resumed.returncode == 0, tail(resumed)
+    # It really resumed (a fresh run draws the same per-micro-batch seeds and would end at the same weights too).
+    assert f"Loading states from {resumed_out / 'checkpoint-2'}" in resumed.stderr, tail(resumed)
+    full = train(sd_teacher, tmp_path / "full", *prompts, "--no_export_pipeline")
+    assert full.returncode == 0, tail(full)
+    for run in (tmp_path / "full", resumed_out):
+        assert adam_steps(run / "checkpoint-11", 0) == {2} and adam_steps(run / "checkpoint-11", 1) == {11}, run
+        assert not (run / "checkpoint-11" / "discriminator_trainable.safetensors").exists()
+    a = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed_out / "pytorch_lora_weights.safetensors")
+    assert a and set(a) == set(b) and any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    for name in ("unet_trainable", "fake_score_trainable"):
+        a = load_file(tmp_path / "full" / "checkpoint-11" / f"{name}.safetensors")
+        b = load_file(resumed_out / "checkpoint-11" / f"{name}.safetensors")
+        assert a and set(a) == set(b) and [k for k in a if not torch.equal(a[k], b[k])] == [], name
+
+
+def test_full_finetune_exports_a_unet(sd_teacher, image_folder, tmp_path):
+    """--full_finetune with the GAN term: the export is the trained UNet (no LoRA file), a one-step LCMScheduler."""
+    out = tmp_path / "out"
+    result = train(sd_teacher, out, "--train_data_dir", str(image_folder), "--full_finetune", *COMMON,
+                   "--dfake_gen_update_ratio", "1", "--max_train_steps", "2", "--no_export_pipeline")
+    assert result.returncode == 0, tail(result)
+    assert (out / "unet" / "config.json").is_file() and not (out / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "checkpoint-2" / "discriminator_trainable.safetensors").is_file()
+    student = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
+    teacher = UNet2DConditionModel.from_pretrained(sd_teacher, subfolder="unet").state_dict()
+    assert student and set(student) == set(teacher)
+    assert not any("lora_" in key for key in student)
+    moved = [k for k in teacher if not torch.equal(student[k], teacher[k])]
+    assert len(moved) > len(teacher) // 2, f"{len(moved)} of {len(teacher)} tensors trained"
+    assert max((student[k] - teacher[k]).abs().max().item() for k in moved) > 1e-4
+    config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "LCMScheduler" and config["original_inference_steps"] == 1
+    scheduler = LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    scheduler.set_timesteps(1)
+    assert scheduler.timesteps.tolist() == [999]
+
+
+def test_two_processes_train_what_one_process_trains(sd_teacher, image_folder, tmp_path):
+    """DDP with three networks: the generator steps on every second step only, and the fake score runs twice per
+    generator step (through its DDP wrapper with gradients, and unwrapped and frozen for the generator's GAN term).
+    2 processes x batch 2 end with the generator, fake score and classifier of 1 process x batch 2 x 2 accumulation
+    steps: the same samples, the same per-micro-batch random draws, averaged gradients equal to accumulated ones."""
+    common = ["--pretrained_teacher_model", str(sd_teacher), "--train_data_dir", str(image_folder), *COMMON,
+              "--dfake_gen_update_ratio", "2", "--max_train_steps", "4", "--no_export_pipeline"]
+    one = subprocess.run([sys.executable, str(SCRIPT), *common, "--output_dir", str(tmp_path / "one"),
+                          "--gradient_accumulation_steps", "2"], capture_output=True, text=True, timeout=600,
+                         env=subprocess_env(), cwd=REPO)
+    assert one.returncode == 0, tail(one)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = Path(sys.executable).with_name("accelerate")
+    config = REPO / "docs" / "accelerate_configs" / "multi_gpu.yaml"
+    two = subprocess.run([str(launcher), "launch", "--config_file", str(config),
+                          "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port),
+                          str(SCRIPT), *common, "--output_dir", str(tmp_path / "two")], capture_output=True, text=True,
+                         timeout=600, env=subprocess_env(ACCELERATE_USE_CPU="true"), cwd=REPO)
+    assert two.returncode == 0, tail(two)
+    assert "total batch 4" in one.stderr and "total batch 4" in two.stderr
+    assert (tmp_path / "two" / "checkpoint-4" / "random_states_1.pkl").is_file()  # really two processes
+    for run in ("one", "two"):  # the generator stepped at steps 0 and 2, the fake score and classifier at all four
+        assert adam_steps(tmp_path / run / "checkpoint-4", 0) == {2}, run
+        assert adam_steps(tmp_path / run / "checkpoint-4", 1) == {4}, run
+    # Tolerance 0, as SwiftBrush's 2-process test: each process computes what one accumulation micro-batch computes
+    # (same batch of 2, same draws), and halving is exact in floating point, so DDP's (g1 + g2) / 2 equals
+    # accumulate's g1 / 2 + g2 / 2 bit for bit; any difference is a different computation, not rounding.
+    one_lora = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
+    two_lora = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
+    assert one_lora and set(one_lora) == set(two_lora)
+    assert any(v.abs().max() > 0 for k, v in one_lora.items() if "lora_B" in k)  # trained off zero
+    assert {k: (one_lora[k] - two_lora[k]).abs().max().item() for k in one_lora
+            if not torch.equal(one_lora[k], two_lora[k])} == {}
+    for name in ("fake_score_trainable", "discriminator_trainable"):
+        a = load_file(tmp_path / "one" / "checkpoint-4" / f"{name}.safetensors")
+        b = load_file(tmp_path / "two" / "checkpoint-4" / f"{name}.safetensors")
+        assert a and set(a) == set(b), name
+        assert {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])} == {}, name
+    fake = load_file(tmp_path / "one" / "checkpoint-4" / "fake_score_trainable.safetensors")
+    assert any(v.abs().max() > 0 for k, v in fake.items() if "lora_B" in k)
+    earlier = load_file(tmp_path / "one" / "checkpoint-2" / "discriminator_trainable.safetensors")
+    later = load_file(tmp_path / "one" / "checkpoint-4" / "discriminator_trainable.safetensors")
+    assert any(not torch.equal(earlier[k], later[k]) for k in later)  # the classifier trained between checkpoints
