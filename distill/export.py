@@ -26,18 +26,20 @@ SCHEDULER_FILES = {"LCMScheduler": None,  # scheduler class -> file in distill.p
                    "PCMScheduler": "scheduler_pcm"}
 
 
-def student_scheduler(teacher_scheduler_config, sampling: SamplingSpec):
-    """The scheduler the student samples with, configured from the teacher's betas and the method's overrides."""
+def scheduler_class(name: str):
+    """A diffusers scheduler class by name, or a custom one shipped in distill.pipelines (and in exported folders)."""
     import importlib
 
     import diffusers
 
-    name = sampling.scheduler
     if hasattr(diffusers, name):
-        cls = getattr(diffusers, name)
-    else:  # a custom scheduler shipped in distill.pipelines (and copied into exported folders)
-        cls = getattr(importlib.import_module(f"distill.pipelines.{SCHEDULER_FILES[name]}"), name)
-    return cls.from_config(teacher_scheduler_config, **sampling.scheduler_config)
+        return getattr(diffusers, name)
+    return getattr(importlib.import_module(f"distill.pipelines.{SCHEDULER_FILES[name]}"), name)
+
+
+def student_scheduler(teacher_scheduler_config, sampling: SamplingSpec):
+    """The scheduler the student samples with, configured from the teacher's betas and the method's overrides."""
+    return scheduler_class(sampling.scheduler).from_config(teacher_scheduler_config, **sampling.scheduler_config)
 
 
 def student_pipeline(info: TeacherInfo, unet, vae, conditioner: TextConditioner, scheduler):

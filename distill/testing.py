@@ -212,3 +212,33 @@ def method_on_teacher(method_cls, config, folder, resolution: int | None = None,
         loaded.schedule = NoiseSchedule.from_scheduler_config({**loaded.scheduler_config,
                                                                "prediction_type": prediction_type})
     return method_cls(Teacher.of(loaded), config), loaded
+
+
+def write_random_inception_weights(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A weights file for torch-fidelity's FID Inception with random weights (same keys and shapes as the real
+    weights-inception-2015-12-05 file), for offline tests of the FID code path. FID from it means nothing.
+
+    torch-fidelity's constructor always loads a weights file (or downloads one): this builds the network with that
+    load skipped, initialises the convolutions He-normal (He et al. 2015, eq. 10) so the 2048-d features stay
+    O(1) through 90 layers instead of vanishing, and saves the state dict.
+    """
+    import tempfile
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random initialisation
+            return None
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as scratch:
+        empty = Path(scratch) / "empty.pth"
+        torch.save({}, empty)
+        torch.manual_seed(seed)
+        network = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), path)
+    return path

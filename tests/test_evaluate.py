@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from distill.evaluate import clip_model, clip_score, fid, frechet_distance, generate
+from distill.testing import write_random_inception_weights
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +42,12 @@ def test_frechet_distance_of_gaussians():
     assert frechet_distance(a, scaled) == pytest.approx(3.0, rel=0.05)
 
 
-def test_fid_code_path_offline():
+def test_fid_code_path_offline(tmp_path):
+    weights = write_random_inception_weights(tmp_path / "inception.pth")  # the FID network, random weights
     rng = np.random.default_rng(0)
     real = (rng.random((6, 32, 32, 3)) * 255).astype(np.uint8)
     fake = np.clip(real.astype(int) + 80, 0, 255).astype(np.uint8)
-    same, different = fid(real, real), fid(real, fake)
+    same, different = fid(real, real, weights), fid(real, fake, weights)
     assert np.isfinite(different) and different > 0
     assert same <= 1e-6 * different  # identical sets: zero up to round-off
 

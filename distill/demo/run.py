@@ -23,6 +23,7 @@ from ..cli import main as train_main
 from .digits import (DIGIT_WORDS, build_digits_teacher, caption_for, digits_split,
                      train_digits_classifier, write_digits_image_folder)
 from ..evaluate import Samples, frechet_distance, generate
+from ..evaluate.students import load_student_pipeline, student_guidance
 
 logger = logging.getLogger(__name__)
 
@@ -51,33 +52,6 @@ def load_teacher_pipeline(teacher: Path):
     # clip_sample=False as in real SD configs: clipping predicted latents to [-1, 1] would ruin them.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False)
     return pipe
-
-
-def load_student_pipeline(teacher: Path, student_folder: Path):
-    """Any method's student as a user loads it: the exported pipeline folder (custom code travels with it) if
-    there is one, else the stock pipeline with the exported LoRA and the scheduler named in distill_config.json."""
-    import diffusers
-
-    if (student_folder / "pipeline" / "model_index.json").is_file():
-        pipe = diffusers.DiffusionPipeline.from_pretrained(student_folder / "pipeline", trust_remote_code=True)
-    else:
-        from ..teacher import inspect_teacher, pipeline_class
-        from ..lora import check_lora_base
-
-        info = inspect_teacher(str(teacher))
-        check_lora_base(student_folder, info)  # an SD LoRA onto an SDXL base (or back): one clear error
-        sampling = json.loads((student_folder / "distill_config.json").read_text())["sampling"]
-        pipe = pipeline_class(info).from_pretrained(teacher)
-        pipe.scheduler = getattr(diffusers, sampling["scheduler"]).from_pretrained(student_folder,
-                                                                                  subfolder="scheduler")
-        pipe.load_lora_weights(student_folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def student_guidance(student_folder: Path) -> float:
-    """The guidance scale the student was exported to sample with (1 for students trained on a guided teacher)."""
-    return float(json.loads((student_folder / "distill_config.json").read_text())["sampling"]["guidance_scale"])
 
 
 def save_grid(rows: dict[str, np.ndarray], per_digit: int, path: Path) -> Path:
