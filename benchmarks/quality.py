@@ -6,7 +6,8 @@
 
 Scores (see distill/demo/run.py): prompt accuracy of a digit classifier trained on the train split only, and the
 Frechet distance in that classifier's feature space to the held-out test digits; NFE counted on the UNet, wall
-time per image. Writes quality.md (table and targets) and quality_vs_nfe.png.
+time per image. Writes quality.md (table and targets) and quality_vs_nfe.png. Students alone beside one teacher
+sampler, resumable and on several GPUs: ``python -m distill.evaluate --preset digits`` (the same scores).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from distill.demo import (digit_prompts, load_student_pipeline, load_teacher_pipeline, metrics_table, score,
-                          student_guidance)
+from distill.demo import (digit_prompts, load_student_pipeline, load_teacher_pipeline, metrics_table, real_data_fd,
+                          score, student_guidance)
 from distill.demo.digits import build_digits_teacher, digits_split, train_digits_classifier
-from distill.evaluate import frechet_distance, generate
+from distill.evaluate import generate
+from distill.evaluate.presets import ACCURACY, FD
+from distill.evaluate.report import plot_quality_vs_nfe
 
 TEACHER_STEPS = (1, 2, 4, 8, 25, 50)
 STUDENT_STEPS = (1, 2, 4)
@@ -57,32 +60,6 @@ def targets(results: dict, method: str) -> list[str]:
         lines.append(f"- {method} at 1 NFE: FD {one['fd']:.2f} vs teacher DDIM-1 {one_step['fd']:.2f} (target <= "
                      f"{0.6 * one_step['fd']:.2f}): {'met' if ok else 'NOT met'}")
     return lines
-
-
-def plot(results: dict, families: dict[str, str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(12, 5))
-    ordered = list(dict.fromkeys(families.values()))
-    colors = plt.cm.tab20(range(len(ordered)))  # one distinct colour per sampler family (up to 20)
-    for family, color in zip(ordered, colors):
-        names = [n for n in results if families[n] == family]
-        nfe = [results[n]["nfe"] for n in names]
-        style = dict(marker="o", color=color, label=family, linestyle="--" if family.startswith("teacher") else "-")
-        ax_fd.plot(nfe, [results[n]["fd"] for n in names], **style)
-        ax_acc.plot(nfe, [results[n]["accuracy"] for n in names], **style)
-    for ax, label in ((ax_fd, "Frechet distance to real digits (lower is better)"), (ax_acc, "prompt accuracy")):
-        ax.set_xscale("log")
-        ax.set_xlabel("UNet evaluations per image (NFE, CFG counts 2 per step)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    ax_fd.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -123,8 +100,7 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(results, indent=2))
-    train_images, _ = digits_split("train")
-    floor = frechet_distance(classifier.features(train_images[: len(prompts)]), real_features)
+    floor = real_data_fd(classifier, real_features, len(prompts))
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"Command: `{command}` on {torch.get_num_threads()} CPU threads.\n",
              f"Digits benchmark: {args.images_per_digit} images per digit, teacher CFG {args.teacher_guidance}, "
@@ -134,7 +110,8 @@ def main(argv=None) -> int:
     for spec in args.student:
         lines += targets(results, spec.split("=", 1)[0])
     (args.out / "quality.md").write_text("\n".join(lines) + "\n")
-    plot(results, families, args.out / "quality_vs_nfe.png")
+    plot_quality_vs_nfe(results, families, (FD, ACCURACY), args.out / "quality_vs_nfe.png",
+                        references={FD.key: (floor, "real train digits (floor)")})
     print((args.out / "quality.md").read_text())
     return 0
 

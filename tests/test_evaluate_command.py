@@ -1,5 +1,6 @@
 """``python -m distill.evaluate``: the Frechet distance against its closed form, the FID Inception's layout, resumable
-generation, and the command end to end on the tiny SD teacher with an LCM-LoRA student.
+generation, and the command end to end on the tiny SD teacher with an LCM-LoRA student (its grid and quality-vs-NFE
+plot included); the digits preset on a 2-step digits teacher, in one process and in two under accelerate launch.
 
 Offline throughout: the FID Inception (torch-fidelity's network) and the CLIP (open_clip's ViT-B-32) have random
 weights written by the tests, with the real networks' architectures, so the numbers are checked against the same
@@ -25,6 +26,7 @@ from distill.evaluate import clip_model, clip_score, count_unet_evaluations, fre
 from distill.evaluate import inception_model
 from distill.evaluate.cli import load_prompts, main as evaluate_main, parse_args
 from distill.evaluate.generation import MANIFEST, generate_to_folder
+from distill.evaluate.report import GRID_CELL, PANEL_INCHES, PLOT_DPI, fit_cell
 from distill.testing import write_random_inception_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +272,7 @@ def evaluation(sd_teacher, image_folder, inception_file, tmp_path_factory):
             "--output_dir", str(out)]
     first = run_evaluate(*args, cwd=root)
     first_json = json.loads((out / "results.json").read_text()) if first.returncode == 0 else None
-    mtimes = {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    mtimes = {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
     second = run_evaluate(*args, cwd=root)
     return {"root": root, "out": out, "first": first, "first_json": first_json, "mtimes": mtimes, "second": second,
             "clip_file": clip_file, "reference_dir": image_folder, "inception_file": inception_file}
@@ -333,7 +335,8 @@ def test_rerun_generates_nothing(evaluation):
     assert [row["generated"] for row in results["rows"]] == [0] * len(SAMPLERS)
     assert "generated 0 new images (6 were on disk)" in second.stderr
     out = evaluation["out"]
-    assert {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*.png")} == evaluation["mtimes"]
+    images = out / "images"  # the samples; grid.png and the plot are redrawn from them
+    assert {str(p.relative_to(out)): p.stat().st_mtime_ns for p in images.rglob("*.png")} == evaluation["mtimes"]
     first = {row["sampler"]: row for row in evaluation["first_json"]["rows"]}
     for row in results["rows"]:  # same images, same scores; NFE from the manifest
         assert row["nfe_per_image"] == first[row["sampler"]]["nfe_per_image"]
@@ -398,3 +401,170 @@ def test_help_explains_every_flag_and_the_weights(capsys):
                  "--output_dir"):
         assert flag in text
     assert "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" in text
+
+
+# ------------------------------------------------------------------------------------------- grid and plot
+
+
+def grid_cells(grid: np.ndarray, rows: int, columns: int) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+    """The label column and the cells of a grid.png of ``rows`` x ``columns`` images."""
+    cell = GRID_CELL
+    left = grid.shape[1] - columns * cell
+    return grid[:, :left], [[grid[r * cell:(r + 1) * cell, left + c * cell:left + (c + 1) * cell]
+                             for c in range(columns)] for r in range(rows)]
+
+
+def assert_grid_shows(out: Path, rows: list[dict], columns: int) -> np.ndarray:
+    """grid.png: one labelled row per sampler, its cells the sampler's first images as written to disk."""
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"))
+    assert grid.shape[0] == len(rows) * GRID_CELL and grid.shape[1] > columns * GRID_CELL
+    labels, cells = grid_cells(grid, len(rows), columns)
+    for r, row in enumerate(rows):
+        assert (labels[r * GRID_CELL:(r + 1) * GRID_CELL] < 100).any(), f"row {r} has no label"
+        for c in range(columns):
+            expected = np.asarray(fit_cell(np.asarray(Image.open(out / row["image_dir"] / f"{c}.png"))))
+            np.testing.assert_array_equal(cells[r][c], expected, err_msg=f"{row['sampler']} image {c}")
+    return grid
+
+
+def test_command_draws_the_grid_and_the_quality_plot(evaluation):
+    """After a rerun that generated nothing, grid.png shows the PNGs on disk; the plot has FID and CLIP panels."""
+    assert evaluation["second"].returncode == 0, evaluation["second"].stderr[-3000:]
+    out = evaluation["out"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["files"] == {"grid": "grid.png", "quality_vs_nfe": "quality_vs_nfe.png"}
+    assert_grid_shows(out, results["rows"], columns=NUM_SAMPLES)  # --grid_size 8 > 6 samples
+    width, height = PANEL_INCHES
+    plot = Image.open(out / "quality_vs_nfe.png")
+    assert plot.size == (round(2 * width * PLOT_DPI), round(height * PLOT_DPI))  # two panels: FID, CLIP score
+    assert np.asarray(plot.convert("L")).std() > 10
+
+
+# ------------------------------------------------------------------------------------------- the digits preset
+
+
+DIGITS_SAMPLES = 20
+DIGITS_FLAGS = ["--teacher_steps", "2", "--student_steps", "1,2", "--num_samples", str(DIGITS_SAMPLES),
+                "--batch_size", "4", "--timing_repeats", "1"]
+DIGITS_SAMPLERS = ["teacher", "lcm-1step", "lcm-2step"]
+
+
+@pytest.fixture(scope="module")
+def digits_runs(image_folder, tmp_path_factory):
+    """``--preset digits`` in one process, then in 2 CPU processes on a copy of its output missing 44 of 60 images."""
+    # The digits teacher and its 1-step LCM-LoRA student train 2 and 1 steps. The copy loses the teacher's and the
+    # 2-step student's images and one batch of the 1-step student's; accelerate launch as tests/test_multiprocess.py.
+    import shutil
+
+    from test_digits import TINY_RECIPE
+    from test_multiprocess import ACCELERATE, CONFIGS, finish, free_ports, start
+
+    from distill.demo.digits import build_digits_teacher
+
+    root = tmp_path_factory.mktemp("digits-preset")
+    teacher = build_digits_teacher(root / "teacher", **TINY_RECIPE)
+    student = root / "student"
+    train = subprocess.run([sys.executable, str(REPO / "train_scripts" / "lcm_lora.py"), "--pretrained_teacher_model",
+                            str(teacher), "--train_data_dir", str(image_folder), "--output_dir", str(student),
+                            "--max_train_steps", "1", "--train_batch_size", "2", "--lora_rank", "4",
+                            "--validation_steps", "0", "--report_to", "none", "--seed", "0"],
+                           capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=REPO)
+    assert train.returncode == 0, train.stderr[-3000:]
+    args = ["--preset", "digits", "--teacher", str(teacher), "--student", f"lcm={student}", *DIGITS_FLAGS]
+    one = run_evaluate(*args, "--output_dir", str(root / "one"), cwd=root)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = root / "two"
+    shutil.copytree(root / "one", two)
+    for gone in ("teacher", "lcm-2step"):
+        shutil.rmtree(two / "images" / gone)
+    for i in range(4, 8):  # the second batch of 4
+        (two / "images" / "lcm-1step" / f"{i}.png").unlink()
+    launch = start([str(ACCELERATE), "launch", "--config_file", str(CONFIGS / "multi_gpu.yaml"), "--num_processes", "2",
+                    "--mixed_precision", "no", "--main_process_port", str(free_ports(1)[0]), "-m", "distill.evaluate",
+                    *args, "--output_dir", str(two)], two, ACCELERATE_USE_CPU="true")  # its log: two.log
+    return {"root": root, "teacher": teacher, "one": one, "two": finish(launch, two)}
+
+
+def test_digits_preset_scores_fd_and_accuracy_beside_the_real_data_floor(digits_runs):
+    from distill.demo import digit_scores, real_data_fd
+    from distill.demo.digits import caption_for, digits_split, train_digits_classifier
+
+    out = digits_runs["root"] / "one"
+    results = json.loads((out / "results.json").read_text())
+    settings = results["settings"]
+    assert (settings["preset"], settings["teacher"], settings["teacher_guidance"]) == (
+        "digits", str(digits_runs["teacher"]), 4.0)  # the benchmark's CFG, not the student's recorded LCM range
+    assert (settings["teacher_scheduler"], settings["resolution"]) == ("DDIMScheduler (trailing spacing)", 32)
+    assert list(results["metrics"]) == ["fd", "accuracy"]
+    rows = {row["sampler"]: row for row in results["rows"]}
+    assert list(rows) == DIGITS_SAMPLERS
+    assert [rows[name]["nfe_per_image"] for name in DIGITS_SAMPLERS] == [2 * 2, 1, 2]  # the teacher with CFG
+    labels = np.arange(DIGITS_SAMPLES) % 10  # zero to nine, repeated
+    manifest = json.loads((out / "images" / "teacher" / MANIFEST).read_text())
+    assert manifest["prompts"] == [caption_for(label) for label in labels]
+
+    # The scores equal the benchmark's functions run here on the PNGs, with the classifier cached beside the teacher.
+    classifier = train_digits_classifier(cache_path=digits_runs["teacher"] / "classifier.pt")
+    real = classifier.features(digits_split("test")[0])
+    for name, row in rows.items():
+        assert "fid" not in row and "clip_score" not in row
+        images = np.stack([np.asarray(Image.open(out / row["image_dir"] / f"{i}.png"))
+                           for i in range(DIGITS_SAMPLES)])
+        expected = digit_scores(images, labels, classifier, real)
+        assert row["fd"] == pytest.approx(expected["fd"], rel=1e-6) and row["fd"] > 0
+        assert row["accuracy"] == expected["accuracy"] and 0 <= row["accuracy"] <= 1
+    floor = results["real_data"]
+    assert floor["sampler"] == "real digits" and floor["fd_images"] == DIGITS_SAMPLES
+    assert floor["fd"] == pytest.approx(real_data_fd(classifier, real, DIGITS_SAMPLES), rel=1e-6)
+    assert floor["accuracy"] == classifier.test_accuracy
+    assert 0 < floor["fd"] < min(row["fd"] for row in rows.values())  # real digits beat an untrained teacher
+    markdown = (out / "results.md").read_text()
+    assert "| FD (digit classifier) | prompt accuracy |" in markdown
+    assert f"| real digits | - | - | - | - | {floor['fd']:.2f} | {floor['accuracy']:.3f} |" in markdown
+
+    assert_grid_shows(out, results["rows"], columns=8)  # --grid_size's default
+    width, height = PANEL_INCHES
+    assert Image.open(out / "quality_vs_nfe.png").size == (round(2 * width * PLOT_DPI), round(height * PLOT_DPI))
+
+
+def test_two_processes_make_the_images_of_one_process(digits_runs):
+    """Every PNG of the 2-process run equals the 1-process one pixel for pixel; so do the scores and the grid."""
+    # Each process makes whole batches of the 1-process run: the same images per batch with the same per-image seeds,
+    # on one CPU thread, so the same arithmetic (images in other batches would differ by batching round-off).
+    two = digits_runs["two"]
+    assert two.returncode == 0, two.stderr[-3000:]
+    root = digits_runs["root"]
+    one_results = json.loads((root / "one" / "results.json").read_text())
+    two_results = json.loads((root / "two" / "results.json").read_text())
+    assert two_results["settings"]["num_processes"] == 2 and one_results["settings"]["num_processes"] == 1
+    assert [row["generated"] for row in two_results["rows"]] == [DIGITS_SAMPLES, 4, DIGITS_SAMPLES]
+    assert "teacher: generated 20 new images (0 were on disk) by 2 processes" in two.stderr
+    assert "lcm-1step: generated 4 new images (16 were on disk) by 2 processes" in two.stderr
+    # The main process made batches 0, 2 and 4 of the teacher's 5 (it alone counts UNet rows); the other 1 and 3.
+    manifest = json.loads((root / "two" / "images" / "teacher" / MANIFEST).read_text())
+    assert (manifest["images_counted"], manifest["unet_rows"]) == (12, 12 * 2 * 2)
+    one_images, two_images = pngs_under(root / "one" / "images"), pngs_under(root / "two" / "images")
+    assert sorted(two_images) == sorted(one_images) and len(one_images) == len(DIGITS_SAMPLERS) * DIGITS_SAMPLES
+    differing = [name for name in one_images if not np.array_equal(one_images[name], two_images[name])]
+    assert differing == []
+    assert np.abs(one_images["teacher/0.png"].astype(int) - one_images["teacher/1.png"].astype(int)).max() > 10
+    for a, b in zip(one_results["rows"], two_results["rows"]):
+        assert (a["sampler"], a["nfe_per_image"], a["fd"], a["accuracy"]) == (
+            b["sampler"], b["nfe_per_image"], b["fd"], b["accuracy"])
+    np.testing.assert_array_equal(np.asarray(Image.open(root / "one" / "grid.png")),
+                                  np.asarray(Image.open(root / "two" / "grid.png")))
+
+
+def pngs_under(folder: Path) -> dict[str, np.ndarray]:
+    return {str(p.relative_to(folder)): np.asarray(Image.open(p)) for p in folder.rglob("*.png")}
+
+
+def test_digits_preset_refuses_flags_it_replaces(tmp_path, capsys):
+    base = ["--preset", "digits", "--teacher", str(tmp_path / "teacher"), "--output_dir", str(tmp_path / "out")]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    message = one_line_error([*base, "--prompts_file", str(prompts), "--clip_weights", str(prompts)], capsys)
+    assert "brings its own prompts, reference images and metrics: drop --prompts_file, --clip_weights" in message
+    assert "multiple of 10, got 15" in one_line_error([*base, "--num_samples", "15"], capsys)
+    assert "scores 32x32 images: drop --resolution 64" in one_line_error([*base, "--resolution", "64"], capsys)
+    assert not (tmp_path / "teacher").exists()  # refused before building a teacher

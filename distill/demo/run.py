@@ -28,20 +28,28 @@ from ..evaluate.students import load_student_pipeline, student_guidance
 logger = logging.getLogger(__name__)
 
 
-def digit_prompts(per_digit: int) -> tuple[list[str], np.ndarray]:
-    """``per_digit`` prompts for each digit, digit-major, with their labels."""
-    labels = np.repeat(np.arange(len(DIGIT_WORDS)), per_digit)
+def digit_prompts(per_digit: int, interleaved: bool = False) -> tuple[list[str], np.ndarray]:
+    """``per_digit`` prompts per digit with their labels: digit-major, or zero to nine repeated if ``interleaved``."""
+    digits = np.arange(len(DIGIT_WORDS))
+    labels = np.tile(digits, per_digit) if interleaved else np.repeat(digits, per_digit)
     return [caption_for(label) for label in labels], labels
+
+
+def digit_scores(images: np.ndarray, labels: np.ndarray, classifier, real_features: np.ndarray) -> dict:
+    """Prompt accuracy of uint8 N x 32 x 32 x 3 images, and their Frechet distance to real held-out digits."""
+    return {"accuracy": classifier.accuracy(images, labels),
+            "fd": frechet_distance(classifier.features(images), real_features)}
+
+
+def real_data_fd(classifier, real_features: np.ndarray, count: int) -> float:
+    """The benchmark's floor: the Frechet distance of ``count`` real train digits to the held-out test digits."""
+    return frechet_distance(classifier.features(digits_split("train")[0][:count]), real_features)
 
 
 def score(samples: Samples, labels: np.ndarray, classifier, real_features: np.ndarray) -> dict:
     """Prompt accuracy, Frechet distance to real held-out digits, NFE and time per image."""
-    return {
-        "accuracy": classifier.accuracy(samples.images, labels),
-        "fd": frechet_distance(classifier.features(samples.images), real_features),
-        "nfe": samples.nfe_per_image,
-        "ms_per_image": 1000 * samples.seconds_per_image,
-    }
+    return {**digit_scores(samples.images, labels, classifier, real_features), "nfe": samples.nfe_per_image,
+            "ms_per_image": 1000 * samples.seconds_per_image}
 
 
 def load_teacher_pipeline(teacher: Path):

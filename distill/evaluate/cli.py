@@ -9,7 +9,17 @@ For each sampler (the teacher at --teacher_steps with CFG, each student at each 
 guidance it was exported with) the images are written to <output_dir>/images/<sampler>/<i>.png as they are made
 (image i: prompt i, seed --seed + i); a rerun skips the images already there. Then: NFE per image (UNet rows
 counted), FID against --reference_dir, CLIP score, latency per image at batch 1, throughput at --batch_size and
-peak memory, written to <output_dir>/results.json and results.md.
+peak memory, written to <output_dir>/results.json and results.md, with grid.png (the first --grid_size images of
+every sampler, one row each) and quality_vs_nfe.png (each score against NFE per image).
+
+Several GPUs: the same command under accelerate launch; each process makes its share of the batches and the main
+process scores and writes the results:
+    accelerate launch --config_file docs/accelerate_configs/multi_gpu.yaml --num_processes 8 -m distill.evaluate ...
+
+The digits benchmark (distill.demo) is a preset: its teacher (outputs/digits-teacher, built if missing), prompts,
+held-out real digits, and its digit classifier's Frechet distance and prompt accuracy in place of FID and CLIP score:
+    python -m distill.evaluate --preset digits --student lcm=outputs/digits-demo/lcm-lora \\
+        --output_dir outputs/eval-digits
 
 FID uses the standard FID Inception (the TF graph of 2015-12-05, through torch-fidelity), from a local file:
     wget https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth
@@ -35,12 +45,15 @@ import torch
 from ..errors import DistillError
 from .generation import generate_to_folder, image_path, measure_speed
 from .image_files import LazyImages, image_files
+from .presets import PRESETS, DigitsPreset
+from .report import CLIP_SCORE, FID, plot_quality_vs_nfe, save_grid
 from .students import (DEFAULT_TEACHER_GUIDANCE, exported_guidance, load_student_pipeline, load_teacher_pipeline,
                        recorded_teacher, recorded_teacher_guidance, student_layout)
 
 logger = logging.getLogger(__name__)
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+GRID_PNG, PLOT_PNG = "grid.png", "quality_vs_nfe.png"
 IMAGES_SUBFOLDER = "images"
 TEACHER = "teacher"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -50,16 +63,23 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m distill.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=None, choices=PRESETS,
+                        help="A benchmark's teacher, prompts, reference set and metrics in one flag. digits: the "
+                             "digits teacher (--teacher, default outputs/digits-teacher, built if missing) with DDIM "
+                             "at CFG 4, the digit prompts, the held-out test digits, and the digit classifier's "
+                             "Frechet distance and prompt accuracy in place of FID and CLIP score.")
     parser.add_argument("--student", action="append", default=[], metavar="NAME=FOLDER",
                         help="A student to evaluate (repeatable): a training run's output_dir with an exported "
                              "pipeline/ (or a pipeline folder), or a LoRA / fine-tuned unet/ folder with --teacher.")
     parser.add_argument("--teacher", default=None,
                         help="The teacher (folder or Hub id): the baseline row, and the base of LoRA students. "
-                             "Default: the teacher the first student records in its distill_config.json.")
+                             "Default: the teacher the first student records in its distill_config.json; with "
+                             "--preset digits, outputs/digits-teacher.")
     parser.add_argument("--teacher_steps", type=int, default=25, help="Sampling steps of the teacher baseline.")
     parser.add_argument("--teacher_guidance", type=float, default=None,
-                        help="CFG scale of the teacher baseline. Default: the teacher guidance the first student "
-                             f"records in its distill_config.json, else {DEFAULT_TEACHER_GUIDANCE}.")
+                        help="CFG scale of the teacher baseline. Default: the preset's, else the teacher guidance "
+                             "the first student records in its distill_config.json, else "
+                             f"{DEFAULT_TEACHER_GUIDANCE}.")
     parser.add_argument("--teacher_scheduler", default=None,
                         help="A diffusers scheduler class for the teacher (e.g. DDIMScheduler), built from its "
                              "scheduler config. Default: the scheduler the teacher ships with.")
@@ -84,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Local open_clip checkpoint of --clip_model. Without it the CLIP score is skipped.")
     parser.add_argument("--num_samples", type=int, default=None,
                         help="Images per sampler (prompts are reused in order if there are fewer). Default: one "
-                             "per prompt.")
+                             "per prompt; 300 with --preset digits (a multiple of 10 there).")
     parser.add_argument("--batch_size", type=int, default=8,
                         help="Images per pipeline call when generating, and the batch size throughput is timed at.")
     parser.add_argument("--seed", type=int, default=0, help="Image i is sampled with the seed --seed + i.")
@@ -95,7 +115,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timing_repeats", type=int, default=3,
                         help="Timed pipeline calls per batch size (median reported, after one warm-up); 0 skips "
                              "the latency, throughput and memory columns.")
-    parser.add_argument("--device", default=None, help="Where to sample and score. Default: cuda if available, else cpu.")
+    parser.add_argument("--grid_size", type=int, default=8,
+                        help="Images per row of grid.png (the first ones: the same prompts and seeds in every row); "
+                             "0 skips the grid.")
+    parser.add_argument("--device", default=None,
+                        help="Where to sample and score. Default: this process's GPU (one per process under "
+                             "accelerate launch) if there is one, else cpu.")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="Weights dtype of the pipelines (the FID and CLIP networks stay float32).")
     return parser.parse_args(argv)
@@ -163,6 +188,19 @@ def check_inputs(args: argparse.Namespace) -> None:
     for flag, value in (("--batch_size", args.batch_size), ("--teacher_steps", args.teacher_steps)):
         if value < 1:
             raise DistillError(f"{flag} must be at least 1, got {value}.")
+    if args.grid_size < 0:
+        raise DistillError(f"--grid_size must be 0 (no grid) or more, got {args.grid_size}.")
+    if args.preset is not None:
+        given = [flag for flag, value in (("--prompts_file", args.prompts_file), ("--dataset_name", args.dataset_name),
+                                          ("--reference_dir", args.reference_dir),
+                                          ("--inception_weights", args.inception_weights),
+                                          ("--clip_weights", args.clip_weights)) if value is not None]
+        if given:
+            raise DistillError(f"--preset {args.preset} brings its own prompts, reference images and metrics: "
+                               f"drop {', '.join(given)}.")
+        if args.resolution not in (None, DigitsPreset.resolution):
+            raise DistillError(f"--preset {args.preset} scores {DigitsPreset.resolution}x{DigitsPreset.resolution} "
+                               f"images: drop --resolution {args.resolution}.")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise DistillError(f"--resolution must be a positive multiple of 8, got {args.resolution}.")
     if args.reference_dir is not None:
@@ -199,37 +237,51 @@ def _release(pipe) -> None:
 
 
 class Evaluation:
-    """One run of the command: samplers generated and timed, then scored."""
+    """One run of the command: samplers generated by every process and timed, then scored and drawn by the main one."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, state, preset: DigitsPreset | None = None):
         self.args = args
+        self.state = state
+        self.preset = preset
         self.out: Path = args.output_dir
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        gpu = state.device if state.device.type == "cuda" else torch.device("cpu")
+        self.device = torch.device(args.device) if args.device else gpu
         self.dtype = DTYPES[args.dtype]
-        self.size = args.resolution
+        self.size = preset.resolution if preset else args.resolution
+        self.metrics = preset.metrics if preset else (FID, CLIP_SCORE)
         self.samplers: list[Sampler] = []
         self.notes: list[str] = []
+        self.real_data: dict | None = None
 
     def run_sampler(self, pipe, sampler: Sampler, prompts: list[str]) -> None:
-        """Generate the missing images of ``sampler``, then time it."""
-        args = self.args
+        """Generate the missing images of ``sampler`` (every process its share), then time it (main process)."""
+        args, state = self.args, self.state
         result = generate_to_folder(pipe, prompts, self.out / IMAGES_SUBFOLDER / sampler.name, sampler.steps,
                                     sampler.guidance_scale, seed=args.seed, batch_size=args.batch_size,
-                                    height=self.size, width=self.size, desc=sampler.name)
-        logger.info("%s: generated %d new images (%d were on disk), NFE per image %s", sampler.name,
-                    result.generated, result.total - result.generated, result.nfe_per_image)
+                                    height=self.size, width=self.size, desc=sampler.name, state=state)
+        processes = f" by {state.num_processes} processes" if state.num_processes > 1 else ""
+        logger.info("%s: generated %d new images (%d were on disk)%s, NFE per image %s", sampler.name,
+                    result.generated, result.total - result.generated, processes, result.nfe_per_image)
         sampler.row.update(generated=result.generated, images=result.total, nfe_per_image=result.nfe_per_image,
                            image_dir=str(Path(IMAGES_SUBFOLDER) / sampler.name))
         if args.timing_repeats > 0:
-            speed = measure_speed(pipe, prompts[0], sampler.steps, sampler.guidance_scale, args.batch_size,
-                                  height=self.size, width=self.size, repeats=args.timing_repeats)
-            sampler.row.update(latency_ms=speed.latency_ms, throughput=speed.throughput,
-                               peak_memory_mib=speed.peak_memory_mib, memory=speed.memory)
+            if state.is_main_process:  # the others wait, so they take no compute from the timed calls
+                speed = measure_speed(pipe, prompts[0], sampler.steps, sampler.guidance_scale, args.batch_size,
+                                      height=self.size, width=self.size, repeats=args.timing_repeats)
+                sampler.row.update(latency_ms=speed.latency_ms, throughput=speed.throughput,
+                                   peak_memory_mib=speed.peak_memory_mib, memory=speed.memory)
+            state.wait_for_everyone()
         self.samplers.append(sampler)
+
+    def teacher_pipeline(self, teacher: str):
+        """The teacher with --teacher_scheduler, else the preset's sampler, else the scheduler it ships with."""
+        if self.preset is not None and self.args.teacher_scheduler is None:
+            return self.preset.load_teacher()
+        return load_teacher_pipeline(teacher, self.args.teacher_scheduler)
 
     def generate(self, students: dict[str, Path], teacher: str, teacher_guidance: float, prompts: list[str]) -> None:
         args = self.args
-        pipe = _placed(load_teacher_pipeline(teacher, args.teacher_scheduler), self.device, self.dtype)
+        pipe = _placed(self.teacher_pipeline(teacher), self.device, self.dtype)
         self.run_sampler(pipe, Sampler(TEACHER, str(teacher), args.teacher_steps, teacher_guidance), prompts)
         _release(pipe)
         for name, folder in students.items():
@@ -246,6 +298,18 @@ class Evaluation:
 
     def sampler_images(self, sampler: Sampler, count: int) -> LazyImages:
         return LazyImages([image_path(self.out / IMAGES_SUBFOLDER / sampler.name, i) for i in range(count)])
+
+    def score(self, prompts: list[str]) -> None:
+        """The preset's scores, else FID and CLIP score, into each sampler's row."""
+        if self.preset is None:
+            self.score_fid(len(prompts))
+            self.score_clip(prompts)
+            return
+        images = {s.name: self.sampler_images(s, len(prompts))[:] for s in self.samplers}
+        scores, self.real_data, notes = self.preset.score(images)
+        for sampler in self.samplers:
+            sampler.row.update(scores[sampler.name])
+        self.notes.extend(notes)
 
     def score_fid(self, count: int) -> None:
         from .inception import inception_features, inception_model
@@ -291,12 +355,39 @@ class Evaluation:
             nfe = s.row["nfe_per_image"]
             ratio = teacher_nfe / nfe if teacher_nfe and nfe else None
             rows.append({"sampler": s.name, "model": s.model, "steps": s.steps, "guidance_scale": s.guidance_scale,
-                         "nfe_per_image": nfe, "compute_vs_teacher": ratio, "fid": s.row.get("fid"),
-                         "clip_score": s.row.get("clip_score"), "latency_ms": s.row.get("latency_ms"),
-                         "throughput": s.row.get("throughput"), "peak_memory_mib": s.row.get("peak_memory_mib"),
-                         "memory": s.row.get("memory"), "generated": s.row["generated"], "images": s.row["images"],
-                         "image_dir": s.row["image_dir"]})
+                         "nfe_per_image": nfe, "compute_vs_teacher": ratio,
+                         **{metric.key: s.row.get(metric.key) for metric in self.metrics},
+                         "latency_ms": s.row.get("latency_ms"), "throughput": s.row.get("throughput"),
+                         "peak_memory_mib": s.row.get("peak_memory_mib"), "memory": s.row.get("memory"),
+                         "generated": s.row["generated"], "images": s.row["images"], "image_dir": s.row["image_dir"]})
         return rows
+
+    def write_grid(self, rows: list[dict], count: int) -> str | None:
+        """grid.png from the PNGs on disk: one labelled row per sampler, its first --grid_size images."""
+        columns = min(self.args.grid_size, count)
+        if not columns:
+            return None
+        grid = {r["sampler"] if r["nfe_per_image"] is None else f"{r['sampler']}\n{r['nfe_per_image']:g} NFE":
+                [image_path(self.out / r["image_dir"], i) for i in range(columns)] for r in rows}
+        save_grid(grid, self.out / GRID_PNG)
+        self.notes.append(f"{GRID_PNG}: images 0 to {columns - 1} of each sampler (the same prompts and seeds in every "
+                          "row).")
+        return GRID_PNG
+
+    def write_plot(self, rows: list[dict]) -> str | None:
+        """quality_vs_nfe.png: each computed score against NFE per image, one line per student."""
+        metrics = [m for m in self.metrics if any(r[m.key] is not None for r in rows)]
+        if not metrics:
+            self.notes.append(f"{PLOT_PNG} not drawn: no score was computed.")
+            return None
+        families = {r["sampler"]: r["model"] for r in rows}
+        teacher = next(r for r in rows if r["sampler"] == TEACHER)
+        families[TEACHER] = f"teacher ({teacher['steps']} steps, CFG {teacher['guidance_scale']:g})"
+        real = self.real_data or {}
+        references = {m.key: (real[m.key], real["sampler"]) for m in metrics if real.get(m.key) is not None}
+        plot_quality_vs_nfe({r["sampler"]: r for r in rows}, families, metrics, self.out / PLOT_PNG,
+                            nfe_key="nfe_per_image", references=references)
+        return PLOT_PNG
 
 
 def _cell(value, digits: int = 2, suffix: str = "") -> str:
@@ -306,54 +397,78 @@ def _cell(value, digits: int = 2, suffix: str = "") -> str:
 
 
 def results_markdown(results: dict) -> str:
-    """The results as a markdown table (one row per sampler) with the run's notes below it."""
-    rows, settings = results["rows"], results["settings"]
+    """The results as a markdown table (one row per sampler, then any real-data row) with the run's notes below it."""
+    rows, settings, metrics = results["rows"], results["settings"], results["metrics"]
     memory = next((r["memory"] for r in rows if r.get("memory")), "peak memory")
-    lines = [f"| sampler | steps | guidance | NFE / image | compute vs teacher | FID | CLIP score | "
-             f"latency (ms / image, batch 1) | throughput (images / s, batch {settings['batch_size']}) | "
-             f"{memory} (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance_scale']:g} | {_cell(r['nfe_per_image'], 1)} | "
-                     f"{_cell(r['compute_vs_teacher'], 1, 'x')} | {_cell(r['fid'])} | {_cell(r['clip_score'])} | "
-                     f"{_cell(r['latency_ms'], 1)} | {_cell(r['throughput'])} | {_cell(r['peak_memory_mib'], 0)} |")
+    header = ["sampler", "steps", "guidance", "NFE / image", "compute vs teacher",
+              *(m["column"] for m in metrics.values()), "latency (ms / image, batch 1)",
+              f"throughput (images / s, batch {settings['batch_size']})", f"{memory} (MiB)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows + ([results["real_data"]] if results.get("real_data") else []):
+        guidance = r.get("guidance_scale")
+        cells = [r["sampler"], str(r.get("steps", "-")), "-" if guidance is None else f"{guidance:g}",
+                 _cell(r.get("nfe_per_image"), 1), _cell(r.get("compute_vs_teacher"), 1, "x"),
+                 *(_cell(r.get(key), m["decimals"]) for key, m in metrics.items()),
+                 _cell(r.get("latency_ms"), 1), _cell(r.get("throughput")), _cell(r.get("peak_memory_mib"), 0)]
+        lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {note}" for note in results["notes"]]
     notes.append("- compute vs teacher: the teacher's NFE per image divided by the sampler's.")
     return "\n".join(lines + [""] + notes) + "\n"
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """The command's work; returns what results.json holds."""
+def teacher_guidance(args: argparse.Namespace, students: dict[str, Path], preset: DigitsPreset | None) -> float:
+    """--teacher_guidance, else the preset's, else the first the students record, else the default."""
+    if args.teacher_guidance is not None:
+        return args.teacher_guidance
+    if preset is not None:
+        return preset.teacher_guidance
+    recorded = [g for f in students.values() if (g := recorded_teacher_guidance(f)) is not None]
+    guidance = recorded[0] if recorded else DEFAULT_TEACHER_GUIDANCE
+    if len(set(recorded)) > 1:
+        logger.warning("The students record different teacher guidance scales %s; the teacher row uses %s "
+                       "(set --teacher_guidance to choose).", sorted(set(recorded)), guidance)
+    return guidance
+
+
+def evaluate(args: argparse.Namespace, state=None) -> dict | None:
+    """The command's work on every process; returns what results.json holds on the main process, None elsewhere."""
+    from accelerate import PartialState
+
+    state = state or PartialState()
     check_inputs(args)
     students = parse_students(args.student)
     parse_steps(args.student_steps)
-    prompts = load_prompts(args)
-    teacher = args.teacher or next((t for f in students.values() if (t := recorded_teacher(f))), None)
+    preset = DigitsPreset.create(args.teacher, args.num_samples, state) if args.preset else None
+    prompts = preset.prompts if preset else load_prompts(args)
+    teacher = preset.teacher if preset else args.teacher or next(
+        (t for f in students.values() if (t := recorded_teacher(f))), None)
     if teacher is None:
         raise DistillError("No teacher: pass --teacher (the baseline, and the base of LoRA students).")
-    guidance = args.teacher_guidance
-    if guidance is None:
-        recorded = [g for f in students.values() if (g := recorded_teacher_guidance(f)) is not None]
-        guidance = recorded[0] if recorded else DEFAULT_TEACHER_GUIDANCE
-        if len(set(recorded)) > 1:
-            logger.warning("The students record different teacher guidance scales %s; the teacher row uses %s "
-                           "(set --teacher_guidance to choose).", sorted(set(recorded)), guidance)
+    guidance = teacher_guidance(args, students, preset)
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
-    run = Evaluation(args)
+    run = Evaluation(args, state, preset)
     run.generate(students, teacher, guidance, prompts)
-    run.score_fid(len(prompts))
-    run.score_clip(prompts)
+    if not state.is_main_process:
+        return None
+    run.score(prompts)
+    rows = run.rows()
+    files = {"grid": run.write_grid(rows, len(prompts)), "quality_vs_nfe": run.write_plot(rows)}
     results = {
-        "settings": {"teacher": str(teacher), "teacher_steps": args.teacher_steps, "teacher_guidance": guidance,
-                     "teacher_scheduler": args.teacher_scheduler,
+        "settings": {"preset": args.preset, "teacher": str(teacher), "teacher_steps": args.teacher_steps,
+                     "teacher_guidance": guidance,
+                     "teacher_scheduler": args.teacher_scheduler or (preset.teacher_scheduler if preset else None),
                      "students": {name: str(folder) for name, folder in students.items()},
                      "num_samples": len(prompts), "batch_size": args.batch_size, "seed": args.seed,
-                     "resolution": args.resolution, "reference_dir": args.reference_dir,
+                     "resolution": run.size, "reference_dir": args.reference_dir,
                      "inception_weights": args.inception_weights, "clip_model": args.clip_model,
                      "clip_weights": args.clip_weights, "device": str(run.device), "dtype": args.dtype,
-                     "timing_repeats": args.timing_repeats},
-        "rows": run.rows(),
+                     "timing_repeats": args.timing_repeats, "num_processes": state.num_processes,
+                     "grid_size": args.grid_size},
+        "metrics": {m.key: {"column": m.column, "decimals": m.decimals} for m in run.metrics},
+        "rows": rows,
+        "real_data": run.real_data,
+        "files": files,
         "notes": run.notes,
     }
     (args.output_dir / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n")
@@ -364,12 +479,18 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
     args = parse_args(argv)
+    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if state.is_main_process else logging.WARNING)
     try:
-        evaluate(args)
+        evaluate(args, state)
     except DistillError as error:
         sys.stderr.write(f"error: {error}\n")
         sys.stderr.flush()
         return 2
+    state.destroy_process_group()
     return 0

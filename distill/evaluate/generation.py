@@ -5,6 +5,12 @@ its batch is made. An image depends on neither the batch size nor on which image
 the indices on disk and makes only the missing ones. ``generation.json`` beside the images records the sampling
 settings and prompts (a rerun with other settings is refused instead of mixing two samplers in one folder) and the
 UNet rows counted so far, from which NFE per image is reported even when a rerun generates nothing.
+
+Under ``accelerate launch`` the missing images are cut into the batches one process would make, and process k makes
+batches k, k + P, k + 2P, ... of them (P processes): every batch holds the same images as in a 1-process run, so the
+images are the same whatever the process count. Only the main process writes the manifest (and counts the UNet rows
+of its batches: NFE per image is the same for every image of a sampler), and every process waits for the others
+before returning, so the folder is complete when the call returns.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ MANIFEST = "generation.json"
 
 @dataclass
 class GenerationResult:
-    """What ``generate_to_folder`` did: images made by this call, images on disk, NFE per image over all runs."""
+    """What ``generate_to_folder`` did: images made by this call (all processes), images on disk, NFE per image."""
 
     folder: Path
     generated: int
@@ -86,31 +92,41 @@ def _open_manifest(folder: Path, settings: dict, prompts: list[str]) -> dict:
 @torch.no_grad()
 def generate_to_folder(pipe, prompts: list[str], folder: str | os.PathLike, num_inference_steps: int,
                        guidance_scale: float, seed: int = 0, batch_size: int = 8, height: int | None = None,
-                       width: int | None = None, desc: str | None = None) -> GenerationResult:
-    """Image ``i`` for ``prompts[i]`` seeded with ``seed + i``, written to ``folder/i.png`` as each batch finishes;
-    images already on disk are skipped. NFE per image: UNet rows counted over every batch any run made."""
+                       width: int | None = None, desc: str | None = None, state=None) -> GenerationResult:
+    """Image ``i`` (``prompts[i]``, seed ``seed + i``) to ``folder/i.png`` unless on disk; processes share batches."""
+    from accelerate import PartialState
+
+    state = state or PartialState()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
                 "height": height, "width": width}
-    manifest = _open_manifest(folder, settings, prompts)
+    if state.is_main_process:
+        manifest = _open_manifest(folder, settings, prompts)
     todo = missing_indices(folder, len(prompts))
+    state.wait_for_everyone()  # every process has listed the same missing images before any is written
+    batches = [todo[start: start + batch_size] for start in range(0, len(todo), batch_size)]
+    mine = batches[state.process_index::state.num_processes]
+    done = len(prompts) - len(todo)
     pipe.set_progress_bar_config(disable=True)
     with count_unet_evaluations(pipe.unet) as counter, \
-            tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=desc or folder.name, unit="image",
-                 dynamic_ncols=True) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start: start + batch_size]
+            tqdm(total=done + sum(map(len, mine)), initial=done, desc=desc or folder.name, unit="image",
+                 dynamic_ncols=True, disable=not state.is_main_process) as bar:
+        for batch in mine:
             rows_before = counter["rows"]
             out = pipe([prompts[i] for i in batch], num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, height=height, width=width, output_type="np",
                        generator=[torch.Generator().manual_seed(seed + i) for i in batch])
             for index, image in zip(batch, to_uint8(out.images)):
                 write_png(image_path(folder, index), image)
-            manifest["unet_rows"] += counter["rows"] - rows_before
-            manifest["images_counted"] += len(batch)
-            _write_manifest(folder, manifest)
+            if state.is_main_process:
+                manifest["unet_rows"] += counter["rows"] - rows_before
+                manifest["images_counted"] += len(batch)
+                _write_manifest(folder, manifest)
             bar.update(len(batch))
+    state.wait_for_everyone()  # every image is on disk, and the main process's manifest is written
+    if not state.is_main_process:
+        manifest = json.loads((folder / MANIFEST).read_text())
     nfe = manifest["unet_rows"] / manifest["images_counted"] if manifest["images_counted"] else None
     return GenerationResult(folder, len(todo), len(prompts), nfe)
 
