@@ -329,6 +329,26 @@ def test_data_kind_follows_the_losses():
         DMD2Config(dm_loss_weight=0.0, gen_cls_loss_weight=0.0, regression_loss_weight=0.0)
 
 
+def test_regression_loss_is_dmd_v1s_one_step_regression_onto_teacher_pairs(sd_teacher):
+    """With only the regression term on, the generator's loss is ||G(z_pair, T-1) - x_pair||^2 on the pairs' own noise
+    (DMD v1 sec. 3.3), whatever chain step the distribution matching rows use, and only the generator gets gradients."""
+    method, conditioner = make_method(sd_teacher, gen_cls_loss_weight=0.0, dm_loss_weight=0.0,
+                                      regression_loss_weight=1.0, num_denoising_step=4)
+    perturb(lora_params(method.nets["unet"]), seed=4)
+    torch.manual_seed(3)
+    batch = LatentBatch(torch.randn(2, *LATENT_SHAPE), conditioner.encode(PROMPTS), conditioner.unconditional(2),
+                        noise=torch.randn(2, *LATENT_SHAPE))
+    losses = method.loss(batch, 0)
+    with torch.no_grad():
+        t = torch.full((2,), 999)
+        expected = (method.denoiser()(batch.noise, t, batch.cond)[0] - batch.latents).pow(2).mean()
+    torch.testing.assert_close(losses["unet"].detach(), expected, rtol=1e-4, atol=1e-6)
+    assert expected > 1e-3
+    losses["unet"].backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in lora_params(method.nets["unet"]))
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in method.nets["fake_score"].parameters())
+
+
 # ------------------------------------------------------------------------------------------ as a user runs it
 
 COMMON = ["--resolution", "32", "--train_batch_size", "2", "--lora_rank", "4", "--fake_lora_rank", "4",

@@ -32,7 +32,8 @@ from distill.testing import method_on_teacher
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a handwritten digit seven", "a red square"]
 # Every registered method with its defaults, plus variants that train more networks than the default does.
-CASES = [(name, {}) for name in METHODS] + [("pcm", {"adv_weight": 0.1}), ("dmd2", {"gen_cls_loss_weight": 0.0})]
+CASES = [(name, {}) for name in METHODS] + [("pcm", {"adv_weight": 0.1}), ("dmd2", {"gen_cls_loss_weight": 0.0}),
+                                               ("dmd2", {"gen_cls_loss_weight": 0.0, "regression_loss_weight": 1.0})]
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in overrides.items()) for name, overrides in CASES]
 
 
