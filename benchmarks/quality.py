@@ -22,7 +22,8 @@ from diffusers import DPMSolverMultistepScheduler
 
 from distill.demo import (digit_prompts, load_student_pipeline, load_teacher_pipeline, metrics_table, real_data_fd,
                           score, student_guidance)
-from distill.demo.digits import build_digits_teacher, digits_split, train_digits_classifier
+from distill.demo.digits import (CLASSIFIER_FILE, build_digits_teacher, digits_split, teacher_guidance,
+                                 train_digits_classifier)
 from distill.evaluate import generate
 from distill.evaluate.presets import ACCURACY, FD
 from distill.evaluate.report import plot_quality_vs_nfe
@@ -68,7 +69,9 @@ def main(argv=None) -> int:
     parser.add_argument("--student", action="append", default=[], metavar="NAME=OUTPUT_DIR",
                         help="A distilled student to score (repeatable): a training run's output_dir, loaded from "
                              "its pipeline folder, e.g. lcm=outputs/digits-demo/lcm-lora.")
-    parser.add_argument("--teacher_guidance", type=float, default=4.0)
+    parser.add_argument("--teacher_guidance", type=float, default=None,
+                        help="CFG scale of the teacher rows. Default: the one the teacher folder records (chosen "
+                             "on the train split when it was built).")
     parser.add_argument("--images_per_digit", type=int, default=30)
     parser.add_argument("--teacher_steps", default=",".join(map(str, TEACHER_STEPS)),
                         help="Teacher step counts to score; pass an empty string to score students only "
@@ -78,7 +81,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     teacher = build_digits_teacher(args.teacher_dir, seed=args.seed)
-    classifier = train_digits_classifier(cache_path=args.teacher_dir / "classifier.pt", seed=args.seed)
+    if args.teacher_guidance is None:
+        args.teacher_guidance = teacher_guidance(teacher)
+    classifier = train_digits_classifier(cache_path=args.teacher_dir / CLASSIFIER_FILE, seed=args.seed)
     real_features = classifier.features(digits_split("test")[0])
     prompts, labels = digit_prompts(args.images_per_digit)
     runs = teacher_runs(teacher, args.teacher_guidance, [int(s) for s in args.teacher_steps.split(",") if s])

@@ -11,7 +11,8 @@ from distill.demo import digits
 from distill.errors import DistillError
 
 TINY_RECIPE = dict(
-    vae_steps=2, unet_steps=2, vae_batch_size=4, unet_batch_size=4, warmup_steps=1, progress=False, num_threads=1
+    vae_steps=2, unet_steps=2, vae_batch_size=4, unet_batch_size=4, warmup_steps=1, progress=False, num_threads=1,
+    guidance_candidates=(),
 )
 
 
@@ -128,18 +129,62 @@ def test_saved_teacher_loads_in_diffusers_and_generates_finite_32px_images(tiny_
 
 
 def test_saved_text_encoder_reproduces_the_training_caption_embeddings(tiny_teacher):
+    """The captions the UNet trained on are padded and encoded exactly as the SD pipeline encodes prompts."""
     from diffusers import StableDiffusionPipeline
 
-    from distill.testing import tiny_text_encoder
-
     pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher)
-    trained_on = digits._caption_embeddings(tiny_text_encoder(32, 32, with_projection=False, seed=1))
+    trained_on = digits._caption_embeddings(pipe.text_encoder)
     with torch.no_grad():
         seven, _ = pipe.encode_prompt(digits.caption_for(7), "cpu", 1, False)
         empty, _ = pipe.encode_prompt("", "cpu", 1, False)
     torch.testing.assert_close(seven[0], trained_on[7])
     torch.testing.assert_close(empty[0], trained_on[10])
     assert not torch.allclose(trained_on[7], trained_on[1])
+
+
+def _between_caption_fraction(text_encoder) -> float:
+    """Share of the hidden states' energy (from the digit word on) in the differences between the ten captions."""
+    states = digits._caption_embeddings(text_encoder)[:10, 4:]
+    return float((states - states.mean(0)).square().sum() / states.square().sum())
+
+
+def test_text_encoder_training_separates_the_captions():
+    from distill.testing import tiny_text_encoder
+    from tqdm.auto import tqdm
+
+    text_encoder = tiny_text_encoder(32, 32, with_projection=False, seed=1)
+    before = _between_caption_fraction(text_encoder)
+    with tqdm(disable=True) as bar:
+        digits._train_text_encoder(text_encoder, digits.TeacherRecipe(text_encoder_steps=100), bar)
+    after = _between_caption_fraction(text_encoder)
+    assert before < 0.02 and after > 0.5  # a random encoder barely tells "seven" from "one"
+    assert not any(p.requires_grad for p in text_encoder.parameters())
+
+
+def test_guidance_is_chosen_on_the_train_split_and_recorded(tmp_path):
+    recipe = {**TINY_RECIPE, "guidance_candidates": (1.0, 4.0), "guidance_selection_images": 10}
+    folder = digits.build_digits_teacher(tmp_path / "teacher", **recipe)
+    marker = json.loads((folder / digits.TEACHER_MARKER).read_text())
+    distances = marker["guidance_selection"]["fd_to_train_split"]
+    assert set(distances) == {"1.0", "4.0"} and len(set(distances.values())) == 2
+    best = min(distances, key=distances.get)
+    assert digits.teacher_guidance(folder) == marker["guidance_scale"] == float(best)
+    assert (folder / digits.CLASSIFIER_FILE).is_file()  # the classifier that chose it is kept beside the teacher
+
+    from distill.demo.run import digit_prompts, load_teacher_pipeline
+    from distill.evaluate import frechet_distance, generate
+
+    classifier = digits.train_digits_classifier(cache_path=folder / digits.CLASSIFIER_FILE)
+    prompts, _ = digit_prompts(1, interleaved=True)
+    features = classifier.features(generate(load_teacher_pipeline(folder), prompts, 25, 4.0, seed=1000).images)
+    on_train = frechet_distance(features, classifier.features(digits.digits_split("train")[0]))
+    on_test = frechet_distance(features, classifier.features(digits.digits_split("test")[0]))
+    assert distances["4.0"] == pytest.approx(on_train, rel=1e-4)  # float noise: other thread counts here
+    assert distances["4.0"] != pytest.approx(on_test, rel=1e-4)
+
+
+def test_a_teacher_without_a_recorded_guidance_uses_the_default(tiny_teacher):
+    assert digits.teacher_guidance(tiny_teacher) == digits.DEFAULT_GUIDANCE
 
 
 def test_changed_recipe_rebuilds_and_replaces_the_teacher(tmp_path):

@@ -22,7 +22,8 @@ from scipy import linalg
 
 from conftest import subprocess_env
 from distill.errors import DistillError
-from distill.evaluate import clip_model, clip_score, count_unet_evaluations, frechet_distance, inception_features
+from distill.evaluate import clip_model, clip_score, count_unet_evaluations, frechet_distance, hps_score
+from distill.evaluate import inception_features
 from distill.evaluate import inception_model
 from distill.evaluate.cli import load_prompts, main as evaluate_main, parse_args
 from distill.evaluate.generation import MANIFEST, generate_to_folder
@@ -262,20 +263,24 @@ def evaluation(sd_teacher, image_folder, inception_file, tmp_path_factory):
     torch.manual_seed(3)  # a draw whose image and text embeddings point the same way (others score every pair 0)
     clip_file = root / "clip-vit-b-32-random.pth"
     torch.save(open_clip.create_model("ViT-B-32").state_dict(), clip_file)
+    torch.manual_seed(4)  # HPS v2's checkpoint layout: a DDP state dict under "state_dict"
+    hps_file = root / "hps-vit-b-32-random.pt"
+    hps_state = {f"module.{key}": value for key, value in open_clip.create_model("ViT-B-32").state_dict().items()}
+    torch.save({"state_dict": hps_state}, hps_file)
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     out = root / "out"
     args = ["--student", f"lcm={student}", "--teacher", str(sd_teacher), "--teacher_steps", str(TEACHER_STEPS),
             "--teacher_scheduler", "DDIMScheduler", "--student_steps", "1,2,4,100",
             "--prompts_file", str(root / "prompts.txt"), "--reference_dir", str(image_folder),
             "--inception_weights", str(inception_file), "--clip_weights", str(clip_file),
-            "--num_samples", str(NUM_SAMPLES), "--batch_size", "4", "--resolution", "32", "--timing_repeats", "1",
+            "--hps_weights", str(hps_file), "--hps_model", "ViT-B-32", "--num_samples", str(NUM_SAMPLES), "--batch_size", "4", "--resolution", "32", "--timing_repeats", "1",
             "--output_dir", str(out)]
     first = run_evaluate(*args, cwd=root)
     first_json = json.loads((out / "results.json").read_text()) if first.returncode == 0 else None
     mtimes = {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
     second = run_evaluate(*args, cwd=root)
     return {"root": root, "out": out, "first": first, "first_json": first_json, "mtimes": mtimes, "second": second,
-            "clip_file": clip_file, "reference_dir": image_folder, "inception_file": inception_file}
+            "clip_file": clip_file, "hps_file": hps_file, "reference_dir": image_folder, "inception_file": inception_file}
 
 
 SAMPLERS = ["teacher", "lcm-1step", "lcm-2step", "lcm-4step"]
@@ -297,6 +302,7 @@ def test_command_writes_one_row_per_sampler(evaluation):
         assert row["generated"] == row["images"] == NUM_SAMPLES
         assert np.isfinite(row["fid"]) and row["fid"] > 0
         assert np.isfinite(row["clip_score"]) and 0 <= row["clip_score"] <= 100
+        assert -1 <= row["hps"] <= 1 and row["hps"] != 0
         assert row["latency_ms"] > 0 and row["throughput"] > 0 and row["peak_memory_mib"] > 100
         assert row["memory"] == "process peak RSS"
         files = sorted((evaluation["out"] / row["image_dir"]).glob("*.png"))
@@ -318,14 +324,35 @@ def test_command_scores_match_the_library_functions(evaluation):
     model = inception_model(evaluation["inception_file"])
     real = inception_features(references, model)
     clip, tokenizer = clip_model("ViT-B-32", evaluation["clip_file"])
+    hps, hps_tokenizer = clip_model("ViT-B-32", evaluation["hps_file"])
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(NUM_SAMPLES)]
     for row in results["rows"][1:2]:  # the 1-step student
         images = np.stack([np.asarray(Image.open(out / row["image_dir"] / f"{i}.png")) for i in range(NUM_SAMPLES)])
         assert row["fid"] == pytest.approx(frechet_distance(real, inception_features(images, model)), rel=1e-6)
         assert row["clip_score"] > 0
         assert row["clip_score"] == pytest.approx(clip_score(images, prompts, clip, tokenizer), rel=1e-5)
+        assert row["hps"] == pytest.approx(hps_score(images, prompts, hps, hps_tokenizer), rel=1e-5, abs=1e-7)
     fids = [row["fid"] for row in results["rows"]]
     assert len(set(fids)) == len(fids)  # each sampler scored on its own images
+
+
+def test_image_prompt_scores_preprocess_as_open_clip_does():
+    """CLIP score and HPS v2 equal the cosines of open_clip's own model + eval transform (resize, centre crop)."""
+    import open_clip
+
+    torch.manual_seed(3)
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32")
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 40, 56, 3), dtype=np.uint8)  # not square
+    prompts = ["a cat", "a red square", "a striped picture number 6"]
+    with torch.no_grad():
+        image_emb = model.encode_image(torch.stack([preprocess(Image.fromarray(image)) for image in images]))
+        text_emb = model.encode_text(tokenizer(prompts))
+    cosines = torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1)
+    assert hps_score(images, prompts, model.eval(), tokenizer, batch_size=2) == pytest.approx(float(cosines.mean()),
+                                                                                              abs=1e-6)
+    expected_clip = float(100 * cosines.clamp(min=0).mean())
+    assert clip_score(images, prompts, model, tokenizer, batch_size=2) == pytest.approx(expected_clip, abs=1e-4)
 
 
 def test_rerun_generates_nothing(evaluation):
@@ -428,7 +455,7 @@ def assert_grid_shows(out: Path, rows: list[dict], columns: int) -> np.ndarray:
 
 
 def test_command_draws_the_grid_and_the_quality_plot(evaluation):
-    """After a rerun that generated nothing, grid.png shows the PNGs on disk; the plot has FID and CLIP panels."""
+    """After a rerun that generated nothing, grid.png shows the PNGs on disk; the plot has FID, CLIP and HPS panels."""
     assert evaluation["second"].returncode == 0, evaluation["second"].stderr[-3000:]
     out = evaluation["out"]
     results = json.loads((out / "results.json").read_text())
@@ -436,7 +463,7 @@ def test_command_draws_the_grid_and_the_quality_plot(evaluation):
     assert_grid_shows(out, results["rows"], columns=NUM_SAMPLES)  # --grid_size 8 > 6 samples
     width, height = PANEL_INCHES
     plot = Image.open(out / "quality_vs_nfe.png")
-    assert plot.size == (round(2 * width * PLOT_DPI), round(height * PLOT_DPI))  # two panels: FID, CLIP score
+    assert plot.size == (round(3 * width * PLOT_DPI), round(height * PLOT_DPI))  # FID, CLIP score, HPS v2
     assert np.asarray(plot.convert("L")).std() > 10
 
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..cli import main as train_main
-from .digits import (DIGIT_WORDS, build_digits_teacher, caption_for, digits_split,
-                     train_digits_classifier, write_digits_image_folder)
+from .digits import (CLASSIFIER_FILE, DIGIT_WORDS, build_digits_teacher, caption_for, digits_split,
+                     teacher_guidance, train_digits_classifier, write_digits_image_folder)
 from ..evaluate import Samples, frechet_distance, generate
 from ..evaluate.students import load_student_pipeline, student_guidance
 
@@ -103,13 +103,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train_batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
     parser.add_argument("--lora_rank", type=int, default=16)
-    parser.add_argument("--teacher_guidance", type=float, default=4.0,
-                        help="CFG scale of the teacher baselines; the student trains on w in [w_min, w_max].")
-    # LCM's w is the (1 + w) cond - w uncond form, so w = 3 is the teacher's CFG 4. Centring the range a little lower
-    # (CFG 2.5-4.5) keeps the 4-step student from compounding guidance at every re-noised step (see
-    # benchmarks/results/digits/quality.md: w in [2, 4] gave FD 39 at 4 steps, [1.5, 3.5] FD 29 at equal accuracy).
-    parser.add_argument("--w_min", type=float, default=1.5)
-    parser.add_argument("--w_max", type=float, default=3.5)
+    parser.add_argument("--teacher_guidance", type=float, default=None,
+                        help="CFG scale of the teacher baselines. Default: the one the teacher folder records "
+                             "(chosen on the train split when it was built).")
+    # LCM's w is the (1 + w) cond - w uncond form, so w = g - 1 is the teacher's CFG g. The default range ends half a
+    # unit below it and spans up to two units: a range centred a little low keeps the 4-step student from compounding
+    # guidance at every re-noised step (on a CFG-4 teacher, w in [2, 4] gave FD 39 at 4 steps, [1.5, 3.5] FD 29).
+    parser.add_argument("--w_min", type=float, default=None, help="Default: max(0, CFG - 2.5).")
+    parser.add_argument("--w_max", type=float, default=None, help="Default: CFG - 0.5.")
     parser.add_argument("--images_per_digit", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -120,13 +121,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out: Path = args.output_dir
     teacher = build_digits_teacher(args.teacher_dir, seed=args.seed)
+    guidance = args.teacher_guidance if args.teacher_guidance is not None else teacher_guidance(teacher)
+    w_min = args.w_min if args.w_min is not None else max(0.0, guidance - 2.5)
+    w_max = args.w_max if args.w_max is not None else max(w_min, guidance - 0.5)
     data = write_digits_image_folder(out / "data", split="train")
     student = out / "lcm-lora"
     code = train_main("lcm", [
         "--pretrained_teacher_model", str(teacher), "--train_data_dir", str(data), "--output_dir", str(student),
         "--max_train_steps", str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size),
         "--learning_rate", str(args.learning_rate), "--lora_rank", str(args.lora_rank),
-        "--lora_alpha", str(args.lora_rank), "--w_min", str(args.w_min), "--w_max", str(args.w_max),
+        "--lora_alpha", str(args.lora_rank), "--w_min", str(w_min), "--w_max", str(w_max),
         "--loss_type", "huber", "--seed", str(args.seed), "--checkpointing_steps", "100",
         "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest", "--validation_steps", "0",
         "--lr_warmup_steps", "0", "--report_to", "tensorboard",
@@ -135,12 +139,12 @@ def main(argv=None) -> int:
         return code
 
     torch.manual_seed(args.seed)
-    classifier = train_digits_classifier(cache_path=args.teacher_dir / "classifier.pt", seed=args.seed)
+    classifier = train_digits_classifier(cache_path=args.teacher_dir / CLASSIFIER_FILE, seed=args.seed)
     real_features = classifier.features(digits_split("test")[0])
     prompts, labels = digit_prompts(args.images_per_digit)
     teacher_pipe = load_teacher_pipeline(teacher)
     student_pipe = load_student_pipeline(teacher, student)
-    runs = {f"teacher DDIM {n} steps": (teacher_pipe, n, args.teacher_guidance) for n in (25, 4, 2, 1)}
+    runs = {f"teacher DDIM {n} steps": (teacher_pipe, n, guidance) for n in (25, 4, 2, 1)}
     runs.update({f"student LCM-LoRA {n} steps": (student_pipe, n, student_guidance(student)) for n in (4, 2, 1)})
     results, images = {}, {}
     for name, (pipe, steps, guidance) in runs.items():

@@ -24,7 +24,9 @@ held-out real digits, and its digit classifier's Frechet distance and prompt acc
 FID uses the standard FID Inception (the TF graph of 2015-12-05, through torch-fidelity), from a local file:
     wget https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth
 (pytorch-fid's pt_inception-2015-12-05-6726825d.pth loads too). CLIP score uses open_clip with a local checkpoint
-of --clip_model (--clip_weights); without one the CLIP score is skipped.
+of --clip_model (--clip_weights); without one the CLIP score is skipped. HPS v2 (human preference score) is open_clip's
+ViT-H-14 with the HPS v2 or v2.1 checkpoint of xswu/HPSv2 (--hps_weights, for example HPS_v2.1_compressed.pt);
+without one it is skipped.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from ..errors import DistillError
 from .generation import generate_to_folder, image_path, measure_speed
 from .image_files import LazyImages, image_files
 from .presets import PRESETS, DigitsPreset
-from .report import CLIP_SCORE, FID, plot_quality_vs_nfe, save_grid
+from .report import CLIP_SCORE, FID, HPS, plot_quality_vs_nfe, save_grid
 from .students import (DEFAULT_TEACHER_GUIDANCE, exported_guidance, load_student_pipeline, load_teacher_pipeline,
                        recorded_teacher, recorded_teacher_guidance, student_layout)
 
@@ -66,8 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default=None, choices=PRESETS,
                         help="A benchmark's teacher, prompts, reference set and metrics in one flag. digits: the "
                              "digits teacher (--teacher, default outputs/digits-teacher, built if missing) with DDIM "
-                             "at CFG 4, the digit prompts, the held-out test digits, and the digit classifier's "
-                             "Frechet distance and prompt accuracy in place of FID and CLIP score.")
+                             "at the CFG scale the folder records, the digit prompts, the held-out test digits, and "
+                             "the digit classifier's Frechet distance and prompt accuracy in place of FID and CLIP "
+                             "score.")
     parser.add_argument("--student", action="append", default=[], metavar="NAME=FOLDER",
                         help="A student to evaluate (repeatable): a training run's output_dir with an exported "
                              "pipeline/ (or a pipeline folder), or a LoRA / fine-tuned unet/ folder with --teacher.")
@@ -102,6 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clip_model", default="ViT-B-32", help="open_clip model name for the CLIP score.")
     parser.add_argument("--clip_weights", default=None,
                         help="Local open_clip checkpoint of --clip_model. Without it the CLIP score is skipped.")
+    parser.add_argument("--hps_weights", default=None,
+                        help="Local HPS v2 checkpoint (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt of "
+                             "xswu/HPSv2) for the human preference score. Without it HPS v2 is skipped.")
+    parser.add_argument("--hps_model", default="ViT-H-14",
+                        help="open_clip architecture the --hps_weights fine-tune (ViT-H-14 for HPS v2 and v2.1).")
     parser.add_argument("--num_samples", type=int, default=None,
                         help="Images per sampler (prompts are reused in order if there are fewer). Default: one "
                              "per prompt; 300 with --preset digits (a multiple of 10 there).")
@@ -194,7 +202,8 @@ def check_inputs(args: argparse.Namespace) -> None:
         given = [flag for flag, value in (("--prompts_file", args.prompts_file), ("--dataset_name", args.dataset_name),
                                           ("--reference_dir", args.reference_dir),
                                           ("--inception_weights", args.inception_weights),
-                                          ("--clip_weights", args.clip_weights)) if value is not None]
+                                          ("--clip_weights", args.clip_weights),
+                                          ("--hps_weights", args.hps_weights)) if value is not None]
         if given:
             raise DistillError(f"--preset {args.preset} brings its own prompts, reference images and metrics: "
                                f"drop {', '.join(given)}.")
@@ -209,7 +218,8 @@ def check_inputs(args: argparse.Namespace) -> None:
             from .inception import HOW_TO_GET
 
             raise DistillError(f"--reference_dir asks for FID, which needs --inception_weights FILE. {HOW_TO_GET}")
-    for flag, value in (("--inception_weights", args.inception_weights), ("--clip_weights", args.clip_weights)):
+    for flag, value in (("--inception_weights", args.inception_weights), ("--clip_weights", args.clip_weights),
+                        ("--hps_weights", args.hps_weights)):
         if value is not None and not Path(value).expanduser().is_file():
             raise DistillError(f"{flag} {value} does not exist: pass a local weights file (see --help).")
 
@@ -248,7 +258,7 @@ class Evaluation:
         self.device = torch.device(args.device) if args.device else gpu
         self.dtype = DTYPES[args.dtype]
         self.size = preset.resolution if preset else args.resolution
-        self.metrics = preset.metrics if preset else (FID, CLIP_SCORE)
+        self.metrics = preset.metrics if preset else (FID, CLIP_SCORE, HPS)
         self.samplers: list[Sampler] = []
         self.notes: list[str] = []
         self.real_data: dict | None = None
@@ -303,7 +313,11 @@ class Evaluation:
         """The preset's scores, else FID and CLIP score, into each sampler's row."""
         if self.preset is None:
             self.score_fid(len(prompts))
-            self.score_clip(prompts)
+            self.score_image_text(prompts, CLIP_SCORE, args_model="clip_model", args_weights="clip_weights",
+                                  note="open_clip {model}, 100 * mean max(cos, 0) of image and prompt.")
+            self.score_image_text(prompts, HPS, args_model="hps_model", args_weights="hps_weights",
+                                  note="human preference score v2 (open_clip {model} fine-tuned on human "
+                                       "preferences), mean cos of image and prompt.")
             return
         images = {s.name: self.sampler_images(s, len(prompts))[:] for s in self.samplers}
         scores, self.real_data, notes = self.preset.score(images)
@@ -334,18 +348,20 @@ class Evaluation:
                           "counts, so compare rows at equal counts.")
         _release(model)
 
-    def score_clip(self, prompts: list[str]) -> None:
-        from .metrics import clip_model, clip_score
+    def score_image_text(self, prompts: list[str], metric, args_model: str, args_weights: str, note: str) -> None:
+        """An open_clip image-prompt score (CLIP score or HPS v2) of every sampler, if its weights were given."""
+        from .metrics import clip_model, clip_score, hps_score
 
-        args = self.args
-        if args.clip_weights is None:
-            self.notes.append("CLIP score skipped: no --clip_weights.")
+        model_name, weights = getattr(self.args, args_model), getattr(self.args, args_weights)
+        if weights is None:
+            self.notes.append(f"{metric.column} skipped: no --{args_weights}.")
             return
-        model, tokenizer = clip_model(args.clip_model, args.clip_weights, str(self.device))
+        score = {CLIP_SCORE.key: clip_score, HPS.key: hps_score}[metric.key]
+        model, tokenizer = clip_model(model_name, weights, str(self.device))
         for sampler in self.samplers:
-            sampler.row["clip_score"] = clip_score(self.sampler_images(sampler, len(prompts)), prompts, model,
-                                                   tokenizer, args.batch_size)
-        self.notes.append(f"CLIP score: open_clip {args.clip_model}, 100 * mean max(cos, 0) of image and prompt.")
+            sampler.row[metric.key] = score(self.sampler_images(sampler, len(prompts)), prompts, model, tokenizer,
+                                            self.args.batch_size)
+        self.notes.append(f"{metric.column}: " + note.format(model=model_name))
         _release(model)
 
     def rows(self) -> list[dict]:
@@ -462,7 +478,8 @@ def evaluate(args: argparse.Namespace, state=None) -> dict | None:
                      "num_samples": len(prompts), "batch_size": args.batch_size, "seed": args.seed,
                      "resolution": run.size, "reference_dir": args.reference_dir,
                      "inception_weights": args.inception_weights, "clip_model": args.clip_model,
-                     "clip_weights": args.clip_weights, "device": str(run.device), "dtype": args.dtype,
+                     "clip_weights": args.clip_weights, "hps_model": args.hps_model,
+                     "hps_weights": args.hps_weights, "device": str(run.device), "dtype": args.dtype,
                      "timing_repeats": args.timing_repeats, "num_processes": state.num_processes,
                      "grid_size": args.grid_size},
         "metrics": {m.key: {"column": m.column, "decimals": m.decimals} for m in run.metrics},

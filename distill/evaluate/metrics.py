@@ -1,4 +1,4 @@
-"""Image-set metrics: Frechet distance and FID (torch-fidelity), CLIP score (open_clip)."""
+"""Image-set metrics: Frechet distance and FID (torch-fidelity), CLIP score and HPS v2 (open_clip)."""
 
 from __future__ import annotations
 
@@ -44,14 +44,6 @@ def fid(real_images: np.ndarray, fake_images: np.ndarray, inception_weights: str
                             inception_features(fake_images, model, batch_size))
 
 
-def _to_float_nchw(images: np.ndarray, size: int, mean, std) -> torch.Tensor:
-    """uint8 N x H x W x 3 -> normalised float N x 3 x size x size (bilinear resize)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def clip_model(model_name: str = "ViT-B-32", pretrained: str | os.PathLike | None = None, device: str = "cpu"):
     """An open_clip model and its tokenizer; ``pretrained`` is a local checkpoint file (no download happens here)."""
     import open_clip
@@ -74,21 +66,35 @@ def clip_model(model_name: str = "ViT-B-32", pretrained: str | os.PathLike | Non
     return model.eval(), open_clip.get_tokenizer(model_name)
 
 
+def clip_preprocess(model):
+    """open_clip's evaluation transform for ``model`` (its own resize, centre crop and normalisation), on PIL images."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+
+
 @torch.no_grad()
-def clip_score(images: np.ndarray, prompts: list[str], model, tokenizer, batch_size: int = 50) -> float:
-    """100 * mean max(cos(E_img, E_txt), 0) over image-prompt pairs (CLIPScore, Hessel et al. 2021, eq. 1)."""
-    import open_clip
+def image_text_cosines(images: np.ndarray, prompts: list[str], model, tokenizer, batch_size: int = 50) -> torch.Tensor:
+    """cos(E_img, E_txt) of each uint8 H x W x 3 image and its prompt, images preprocessed as open_clip does."""
+    from PIL import Image
 
     device = next(model.parameters()).device
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    scores = []
+    preprocess = clip_preprocess(model)
+    cosines = []
     for start in range(0, len(prompts), batch_size):
-        pixels = _to_float_nchw(images[start: start + batch_size], size, mean, std)
+        pixels = torch.stack([preprocess(Image.fromarray(np.asarray(image)))
+                              for image in images[start: start + batch_size]])
         image_emb = model.encode_image(pixels.to(device))
         text_emb = model.encode_text(tokenizer(prompts[start: start + batch_size]).to(device))
-        cos = torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1)
-        scores.append(cos.clamp(min=0))
-    return float(100 * torch.cat(scores).mean())
+        cosines.append(torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1).float().cpu())
+    return torch.cat(cosines)
+
+
+def clip_score(images: np.ndarray, prompts: list[str], model, tokenizer, batch_size: int = 50) -> float:
+    """100 * mean max(cos(E_img, E_txt), 0) over image-prompt pairs (CLIPScore, Hessel et al. 2021, eq. 1)."""
+    return float(100 * image_text_cosines(images, prompts, model, tokenizer, batch_size).clamp(min=0).mean())
+
+
+def hps_score(images: np.ndarray, prompts: list[str], model, tokenizer, batch_size: int = 50) -> float:
+    """Mean HPS v2 (Wu et al. 2023, sec. 5): cos(E_img, E_txt) of a CLIP ViT-H-14 fine-tuned on human preferences."""
+    return float(image_text_cosines(images, prompts, model, tokenizer, batch_size).mean())

@@ -1,7 +1,8 @@
 """``--preset digits``: the digits benchmark of ``distill.demo`` as a preset of ``python -m distill.evaluate``.
 
 The teacher is the digits teacher folder (built with ``distill.demo.digits.build_digits_teacher`` if the folder holds
-no pipeline; an existing one is used as it is), sampled with DDIM (trailing spacing) at CFG 4 as the benchmark does.
+no pipeline; an existing one is used as it is), sampled with DDIM (trailing spacing) at the CFG scale the folder records (chosen on the train split when it
+was built), as the benchmark does.
 The prompts are the ten digit captions, zero to nine repeated (image i shows digit i % 10, so the first images of a
 grid span the digits); the reference set is the held-out test split; and the metrics are those of the digit
 classifier (trained on the train split only, cached beside the teacher): the Frechet distance in its 64-d features
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..demo.digits import DIGIT_WORDS, IMAGE_SIZE, build_digits_teacher, digits_split, train_digits_classifier
+from ..demo.digits import (CLASSIFIER_FILE, DIGIT_WORDS, IMAGE_SIZE, build_digits_teacher, digits_split,
+                           teacher_guidance, train_digits_classifier)
 from ..demo.run import digit_prompts, digit_scores, load_teacher_pipeline, real_data_fd
 from ..errors import DistillError
 from .report import Metric
@@ -25,9 +27,7 @@ from .report import Metric
 DIGITS = "digits"
 PRESETS = (DIGITS,)
 DIGITS_TEACHER = Path("outputs/digits-teacher")
-DIGITS_TEACHER_GUIDANCE = 4.0
 DIGITS_SAMPLES = 300  # 30 per digit, as benchmarks/quality.py scores
-CLASSIFIER_FILE = "classifier.pt"
 FD = Metric("fd", "FD (digit classifier)", "Frechet distance to real test digits (lower is better)")
 ACCURACY = Metric("accuracy", "prompt accuracy", "prompt accuracy (digit classifier)", decimals=3)
 
@@ -40,7 +40,6 @@ class DigitsPreset:
     prompts: list[str]
     labels: np.ndarray
     metrics = (FD, ACCURACY)
-    teacher_guidance = DIGITS_TEACHER_GUIDANCE
     resolution = IMAGE_SIZE
     teacher_scheduler = "DDIMScheduler (trailing spacing)"
 
@@ -57,6 +56,11 @@ class DigitsPreset:
         state.wait_for_everyone()
         prompts, labels = digit_prompts(count // len(DIGIT_WORDS), interleaved=True)
         return cls(folder, prompts, labels)
+
+    @property
+    def teacher_guidance(self) -> float:
+        """The CFG scale the teacher folder records (chosen on the train split when it was built)."""
+        return teacher_guidance(self.teacher)
 
     def load_teacher(self):
         """The teacher pipeline with the benchmark's DDIM scheduler."""

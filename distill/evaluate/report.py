@@ -30,6 +30,7 @@ class Metric:
 
 FID = Metric("fid", "FID", "FID (lower is better)")
 CLIP_SCORE = Metric("clip_score", "CLIP score", "CLIP score (higher is better)")
+HPS = Metric("hps", "HPS v2", "HPS v2 (higher is better)", decimals=4)
 
 
 def _label_width(labels: Sequence[str], font) -> int:
