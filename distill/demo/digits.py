@@ -94,6 +94,23 @@ def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images[indices].copy(), labels[indices].copy()
 
 
+def digit_prompts(per_digit: int, interleaved: bool = False) -> tuple[list[str], np.ndarray]:
+    """``per_digit`` prompts per digit with their labels: digit-major, or zero to nine repeated if ``interleaved``."""
+    digits = np.arange(len(DIGIT_WORDS))
+    labels = np.tile(digits, per_digit) if interleaved else np.repeat(digits, per_digit)
+    return [caption_for(label) for label in labels], labels
+
+
+def load_teacher_pipeline(teacher: Path):
+    """The teacher with a DDIM scheduler (trailing spacing, so 1-step DDIM starts from pure noise)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(teacher)
+    # clip_sample=False as in real SD configs: clipping predicted latents to [-1, 1] would ruin them.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False)
+    return pipe
+
+
 def write_digits_image_folder(folder: str | os.PathLike, split: str = "train") -> Path:
     """Write a split as PNGs plus an imagefolder metadata.jsonl ({"file_name", "text"}); skip if complete."""
     from PIL import Image
@@ -343,7 +360,6 @@ def _choose_guidance(folder: Path, recipe: TeacherRecipe) -> dict:
     if not recipe.guidance_candidates:
         return {"guidance_scale": DEFAULT_GUIDANCE}
     from ..evaluate import frechet_distance, generate
-    from .run import digit_prompts, load_teacher_pipeline
 
     per_digit = max(1, recipe.guidance_selection_images // len(DIGIT_WORDS))
     prompts, _ = digit_prompts(per_digit, interleaved=True)

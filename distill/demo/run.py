@@ -20,19 +20,12 @@ import numpy as np
 import torch
 
 from ..cli import main as train_main
-from .digits import (CLASSIFIER_FILE, DIGIT_WORDS, build_digits_teacher, caption_for, digits_split,
-                     teacher_guidance, train_digits_classifier, write_digits_image_folder)
+from .digits import (CLASSIFIER_FILE, DIGIT_WORDS, build_digits_teacher, digit_prompts, digits_split,
+                     load_teacher_pipeline, teacher_guidance, train_digits_classifier, write_digits_image_folder)
 from ..evaluate import Samples, frechet_distance, generate
 from ..evaluate.students import load_student_pipeline, student_guidance
 
 logger = logging.getLogger(__name__)
-
-
-def digit_prompts(per_digit: int, interleaved: bool = False) -> tuple[list[str], np.ndarray]:
-    """``per_digit`` prompts per digit with their labels: digit-major, or zero to nine repeated if ``interleaved``."""
-    digits = np.arange(len(DIGIT_WORDS))
-    labels = np.tile(digits, per_digit) if interleaved else np.repeat(digits, per_digit)
-    return [caption_for(label) for label in labels], labels
 
 
 def digit_scores(images: np.ndarray, labels: np.ndarray, classifier, real_features: np.ndarray) -> dict:
@@ -50,16 +43,6 @@ def score(samples: Samples, labels: np.ndarray, classifier, real_features: np.nd
     """Prompt accuracy, Frechet distance to real held-out digits, NFE and time per image."""
     return {**digit_scores(samples.images, labels, classifier, real_features), "nfe": samples.nfe_per_image,
             "ms_per_image": 1000 * samples.seconds_per_image}
-
-
-def load_teacher_pipeline(teacher: Path):
-    """The teacher with a DDIM scheduler (trailing spacing, so 1-step DDIM starts from pure noise)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(teacher)
-    # clip_sample=False as in real SD configs: clipping predicted latents to [-1, 1] would ruin them.
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False)
-    return pipe
 
 
 def save_grid(rows: dict[str, np.ndarray], per_digit: int, path: Path) -> Path:
