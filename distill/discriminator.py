@@ -190,10 +190,46 @@ class BottleneckClassifier(nn.Module):
         return frozen_call(self, feature)
 
 
+def adapter_encoder_features(view, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
+    """Encoder features of an ``AdapterView``'s UNet with only its adapter on (the encoder half only)."""
+    unet = view.unet
+    with using_adapter(unet, view.adapter), _without_gradient_checkpointing(unet):
+        dtype = unet.dtype
+        return unet_encoder_features(unet, x.to(dtype), t, **cond.to(x.device, dtype).unet_kwargs())
+
+
 def adapter_bottleneck(view, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
     """Mid-block features of an ``AdapterView``'s UNet with only its adapter on, differentiable w.r.t. ``x`` and not
-    w.r.t. any weight (DMD2's generator reads the fake score's bottleneck frozen; sec. 4.3). The encoder half only."""
-    unet = view.unet
-    with using_adapter(unet, view.adapter), _without_gradient_checkpointing(unet), frozen_parameters(view):
-        dtype = unet.dtype
-        return unet_encoder_features(unet, x.to(dtype), t, **cond.to(x.device, dtype).unet_kwargs())[-1]
+    w.r.t. any weight (DMD2's generator reads the fake score's bottleneck frozen; sec. 4.3)."""
+    with frozen_parameters(view):
+        return adapter_encoder_features(view, x, t, cond)[-1]
+
+
+ENCODER_PREFIXES = ("down_blocks.", "mid_block.")
+
+
+def encoder_modules(unet: nn.Module, targets: list[str]) -> list[str]:
+    """Full names of the modules among ``targets`` (names or name suffixes) that ``unet_encoder_features`` runs: an
+    adapter on these alone has no weight outside the discriminator's graph (DDP wants every parameter used)."""
+    return [name for name, _ in unet.named_modules() if name.startswith(ENCODER_PREFIXES)
+            and any(name == target or name.endswith("." + target) for target in targets)]
+
+
+class TrainedEncoderDiscriminator(nn.Module):
+    """A diffusion-GAN discriminator initialised from the pre-trained UNet and trained (UFOGen sec. 4.1, as DDGAN /
+    SIDDM): the UNet's encoder with a LoRA adapter of its own (zero-initialised: it starts as the teacher's encoder)
+    and one head per feature level. One UNet stays in memory: the backbone is an ``AdapterView`` of the student's."""
+
+    def __init__(self, backbone, heads: DiscriminatorHeads):
+        super().__init__()
+        self.backbone = backbone
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
+        """One logit map per encoder feature level of ``x`` at timestep ``t``."""
+        return self.heads(adapter_encoder_features(self.backbone, x, t, cond))
+
+    def frozen(self, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
+        """The same logits, differentiable w.r.t. ``x`` only: the generator's loss reaches only the generator."""
+        with frozen_parameters(self):
+            return self(x, t, cond)

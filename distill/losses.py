@@ -61,14 +61,50 @@ def score_distillation_surrogate(x0: torch.Tensor, gradient: torch.Tensor) -> to
     return 0.5 * (x0.float() - target.float()).pow(2).mean()
 
 
-def hinge_adversarial_losses(heads: torch.nn.Module, real_features: list[torch.Tensor],
-                             fake_features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(generator, discriminator) hinge losses of discriminator heads on feature maps (Lim & Ye 2017, eq. 5-6).
+# Logit margin of the clamped logistic GAN loss, as the SIDDM/UFOGen reference code clamps its logits.
+LOGISTIC_MARGIN = 0.5
+
+
+def clamped_logistic_discriminator_loss(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor],
+                                        margin: float = LOGISTIC_MARGIN) -> torch.Tensor:
+    """softplus(-min(D(real), m)) + softplus(max(D(fake), -m)): the logistic GAN loss (Goodfellow et al. 2014) with
+    the logits clamped at the margin m, so D stops pushing once real > m and fake < -m (SIDDM/UFOGen reference)."""
+    terms = [torch.nn.functional.softplus(-r.float().clamp(max=margin)).mean()
+             + torch.nn.functional.softplus(f.float().clamp(min=-margin)).mean()
+             for r, f in zip(real_logits, fake_logits)]
+    return torch.stack(terms).mean()
+
+
+def clamped_logistic_generator_loss(fake_logits: list[torch.Tensor], margin: float = LOGISTIC_MARGIN) -> torch.Tensor:
+    """softplus(-min(D(fake), m)): the non-saturating generator loss (Goodfellow et al. 2014, sec. 3), bounded: no
+    gradient once a fake scores above the margin m, so the generator cannot keep exploiting the discriminator."""
+    return torch.stack([torch.nn.functional.softplus(-f.float().clamp(max=margin)).mean()
+                        for f in fake_logits]).mean()
+
+
+ADVERSARIAL_LOSSES = {
+    "hinge": (hinge_generator_loss, hinge_discriminator_loss),
+    "logistic": (clamped_logistic_generator_loss, clamped_logistic_discriminator_loss),
+}
+
+
+def gan_losses(kind: str, generator_logits: list[torch.Tensor], real_logits: list[torch.Tensor],
+               fake_logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generator, discriminator) losses of ``kind`` ("hinge" or "logistic") from the discriminator's logits: on the
+    fakes as the generator sees them (weights frozen), and on real and detached fakes as the discriminator sees them."""
+    generator_loss, discriminator_loss = ADVERSARIAL_LOSSES[kind]
+    return generator_loss(generator_logits), discriminator_loss(real_logits, fake_logits)
+
+
+def adversarial_losses(heads: torch.nn.Module, real_features: list[torch.Tensor], fake_features: list[torch.Tensor],
+                       kind: str = "hinge") -> tuple[torch.Tensor, torch.Tensor]:
+    """(generator, discriminator) GAN losses of discriminator heads on feature maps: hinge (Lim & Ye 2017, eq. 5-6)
+    or the clamped logistic loss (``kind="logistic"``).
 
     The generator's term reaches the fake features but not the heads (their weights are detached); the
     discriminator's term reaches the heads only (features detached), in one pass over real and fake.
     """
-    generator = hinge_generator_loss(getattr(heads, "module", heads).frozen(fake_features))
+    generator_logits = getattr(heads, "module", heads).frozen(fake_features)
     both = heads([torch.cat([r.detach(), f.detach()]) for r, f in zip(real_features, fake_features)])
     real_logits, fake_logits = zip(*(logits.chunk(2) for logits in both))
-    return generator, hinge_discriminator_loss(list(real_logits), list(fake_logits))
+    return gan_losses(kind, generator_logits, list(real_logits), list(fake_logits))

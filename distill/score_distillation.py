@@ -36,10 +36,10 @@ logger = logging.getLogger(__name__)
 
 
 def add_fake_score(unet: torch.nn.Module, rank: int, alpha: float, target_modules: list[str],
-                   separate: bool) -> AdapterView:
+                   separate: bool, adapter: str = FAKE_SCORE_ADAPTER) -> AdapterView:
     """phi <- psi: a new LoRA whose B is zero, so that it starts as the teacher (SwiftBrush, Algorithm 1, line 2).
 
-    On ``unet`` itself as adapter "fake_score", or with ``separate`` on a copy of ``unet`` taken now, before the
+    On ``unet`` itself as adapter ``adapter`` ("fake_score"), or with ``separate`` on a copy of ``unet`` taken now, before the
     student changes anything. Everything of ``unet`` is frozen; the caller unfreezes the adapter once the student
     is set up (peft's student LoRA freezes the whole UNet again).
     """
@@ -52,18 +52,23 @@ def add_fake_score(unet: torch.nn.Module, rank: int, alpha: float, target_module
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights="gaussian",
                         target_modules=list(target_modules))
-    unet.add_adapter(config, adapter_name=FAKE_SCORE_ADAPTER)
-    return AdapterView(unet, FAKE_SCORE_ADAPTER)
+    unet.add_adapter(config, adapter_name=adapter)
+    return AdapterView(unet, adapter)
 
 
 def student_and_fake_score(unet: torch.nn.Module, student: LoRASettings, family_targets: tuple[str, ...],
-                           full_finetune: bool, fake_rank: int, fake_alpha: float) -> tuple[torch.nn.Module, list[torch.nn.Parameter], AdapterView]:
+                           full_finetune: bool, fake_rank: int, fake_alpha: float,
+                           adapter: str = FAKE_SCORE_ADAPTER, fake_targets: list[str] | None = None,
+                           ) -> tuple[torch.nn.Module, list[torch.nn.Parameter], AdapterView]:
     """phi <- psi, theta <- psi (SwiftBrush, Algorithm 1, line 2): (student network, its trainable weights, fake score).
 
     The student is LoRA "default" on ``unet`` (an ``AdapterView``) or, with ``full_finetune``, ``unet`` itself. The
-    fake score is made first (a copy must be the untouched teacher; the same random draws as before either way).
+    fake score (adapter ``adapter``; UFOGen's trained discriminator backbone is made the same way) is made first (a
+    copy must be the untouched teacher; the same random draws as before either way), on ``fake_targets`` (default:
+    the student's modules).
     """
-    fake_score = add_fake_score(unet, fake_rank, fake_alpha, student.targets(family_targets), separate=full_finetune)
+    fake_score = add_fake_score(unet, fake_rank, fake_alpha, fake_targets or student.targets(family_targets),
+                                separate=full_finetune, adapter=adapter)
     with warnings.catch_warnings():  # peft warns about a second adapter on one model: here that is the point
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
         params = student.student_parameters(unet, family_targets, full_finetune)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler, LCMScheduler
 
 from distill.conditioning import Cond
@@ -123,3 +124,25 @@ def test_pseudo_huber_between_l2_and_l1():
     assert distance(large, zero, "l2") == pytest.approx(9.0)
     with pytest.raises(ValueError):
         distance(large, zero, "l1")
+
+
+def test_clamped_logistic_gan_loss_stops_pushing_past_the_margin():
+    """softplus form below the margin, constant (zero gradient) beyond it: the generator cannot keep exploiting D."""
+    from distill.losses import LOGISTIC_MARGIN, clamped_logistic_discriminator_loss, clamped_logistic_generator_loss
+
+    m = LOGISTIC_MARGIN
+    logits = torch.tensor([-2.0, 0.0, m - 0.1, m + 0.1, 3.0], requires_grad=True)
+    clamped_logistic_generator_loss([logits]).backward()
+    sigmoid = torch.sigmoid(logits.detach())
+    # d/dz softplus(-z) / n = -(1 - sigmoid(z)) / n below the margin; nothing above it.
+    expected = torch.where(logits.detach() < m, -(1 - sigmoid) / 5, torch.zeros(5))
+    torch.testing.assert_close(logits.grad, expected)
+    torch.testing.assert_close(clamped_logistic_generator_loss([torch.tensor([-1.0, 4.0])]),
+                               (F.softplus(torch.tensor(1.0)) + F.softplus(torch.tensor(-m))) / 2)
+
+    real = torch.tensor([-1.0, m + 1.0], requires_grad=True)
+    fake = torch.tensor([1.0, -m - 1.0], requires_grad=True)
+    clamped_logistic_discriminator_loss([real], [fake]).backward()
+    # D pushes a real logit up and a fake logit down only until they clear the margin.
+    assert real.grad[0] < 0 and real.grad[1] == 0
+    assert fake.grad[0] > 0 and fake.grad[1] == 0

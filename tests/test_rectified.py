@@ -208,7 +208,7 @@ def test_full_finetune_phased_keeps_a_frozen_teacher_and_ema(sd_teacher):
     assert any(not torch.equal(before[k], v) for k, v in unet.state_dict().items())
     averaged = method.student_unet()
     assert averaged is not unet
-    for shadow, param in zip(method.ema.shadow_params, averaged.parameters()):
+    for shadow, param in zip(method.ema.average.shadow_params, averaged.parameters()):
         assert torch.equal(shadow, param)
     # The average lies strictly between the teacher and the current weights for some parameter.
     live = dict(unet.named_parameters())

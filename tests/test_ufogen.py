@@ -64,10 +64,32 @@ def ddpm_alphas_cumprod(folder) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ the training objective
 
 
-def test_loss_recomputed_by_hand(teacher):
-    """Both losses from the same random draws, written out from UFOGen's algorithm with diffusers' alphas."""
-    method, conditioner = make_method(teacher, adversarial_weight=0.5, reconstruction_weight=2.0)
+def hand_gan_losses(kind: str, real_logits, fake_logits) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generator, discriminator) losses written out: hinge, or the logistic loss with logits clamped at +-0.5."""
+    softplus = torch.nn.functional.softplus
+    if kind == "hinge":
+        d = [torch.relu(1 - r).mean() + torch.relu(1 + f).mean() for r, f in zip(real_logits, fake_logits)]
+        g = [-f.mean() for f in fake_logits]
+    else:
+        d = [softplus(-r.clamp(max=0.5)).mean() + softplus(f.clamp(min=-0.5)).mean()
+             for r, f in zip(real_logits, fake_logits)]
+        g = [softplus(-f.clamp(max=0.5)).mean() for f in fake_logits]
+    return sum(g) / len(g), sum(d) / len(d)
+
+
+@pytest.mark.parametrize("backbone,loss_kind", [("frozen", "hinge"), ("lora", "logistic")])
+def test_loss_recomputed_by_hand(teacher, backbone, loss_kind):
+    """Both losses from the same random draws, written out from UFOGen's algorithm with diffusers' alphas: heads on
+    the frozen teacher's encoder with the hinge loss, and (the default) an encoder with its own trained adapter with
+    the clamped logistic loss."""
+    method, conditioner = make_method(teacher, adversarial_weight=0.5, reconstruction_weight=2.0,
+                                      discriminator_backbone=backbone, adversarial_loss=loss_kind)
     move_off_teacher(method)
+    discriminator = method.nets["discriminator"]
+    torch.manual_seed(2)
+    for name, p in discriminator.named_parameters():  # a discriminator encoder that is not the teacher's
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
     batch = make_batch(conditioner)
     torch.manual_seed(7)
     losses = method.loss(batch, 0)
@@ -83,51 +105,70 @@ def test_loss_recomputed_by_hand(teacher):
 
     x_t = bc(abar[t].sqrt()) * x0 + bc((1 - abar[t]).sqrt()) * torch.randn_like(x0)
     real_noise, fake_noise = torch.randn_like(x0), torch.randn_like(x0)
-    unet = method.nets["unet"]
+    unet = getattr(method.nets["unet"], "unet", method.nets["unet"])  # the UNet every adapter lives on
+    heads = discriminator.heads if backbone == "lora" else discriminator
+    kwargs = batch.cond.unet_kwargs()
     with torch.no_grad():
-        eps = unet(x_t, t, **batch.cond.unet_kwargs()).sample  # the tiny teachers predict eps
+        unet.set_adapter("default")
+        eps = unet(x_t, t, **kwargs).sample  # the tiny teachers predict eps
         x0_fake = (x_t - bc((1 - abar[t]).sqrt()) * eps) / bc(abar[t].sqrt())
         real = bc(abar[t_prev].sqrt()) * x0 + bc((1 - abar[t_prev]).sqrt()) * real_noise
         fake = bc(abar[t_prev].sqrt()) * x0_fake + bc((1 - abar[t_prev]).sqrt()) * fake_noise
-        unet.disable_adapters()
-        real_logits = method.nets["discriminator"](unet_encoder_features(unet, real, t_prev,
-                                                                         **batch.cond.unet_kwargs()))
-        fake_logits = method.nets["discriminator"](unet_encoder_features(unet, fake, t_prev,
-                                                                         **batch.cond.unet_kwargs()))
+        if backbone == "frozen":
+            unet.disable_adapters()
+        else:
+            unet.set_adapter("discriminator")
+        real_logits = heads(unet_encoder_features(unet, real, t_prev, **kwargs))
+        fake_logits = heads(unet_encoder_features(unet, fake, t_prev, **kwargs))
         unet.enable_adapters()
+        unet.set_adapter("default")
     assert len(real_logits) == 3  # two down blocks and the mid block
-    d_loss = sum(torch.relu(1 - r).mean() + torch.relu(1 + f).mean() for r, f in zip(real_logits, fake_logits)) / 3
-    g_adv = -sum(f.mean() for f in fake_logits) / 3
+    g_adv, d_loss = hand_gan_losses(loss_kind, real_logits, fake_logits)
     gamma = abar[t] / (2 * (1 - abar[t] / abar[t_prev]))  # (1 - beta_t) abar_{t-1} / (2 beta_t)
     reconstruction = (bc(gamma) * (x0_fake - x0) ** 2).mean()
     torch.testing.assert_close(losses["discriminator"].detach(), d_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses["unet"].detach(), 0.5 * g_adv + 2.0 * reconstruction, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("previous_sample", ["marginal", "posterior"])
-def test_each_loss_reaches_only_its_own_parameters(sd_teacher, previous_sample):
-    """The trainer's order with real backward passes: generator loss first, then the discriminator's."""
-    method, conditioner = make_method(sd_teacher, previous_sample=previous_sample, reconstruction_weight=0.0)
+@pytest.mark.parametrize("previous_sample,backbone,loss_kind", [
+    ("marginal", "frozen", "hinge"), ("posterior", "frozen", "hinge"), ("marginal", "lora", "logistic")])
+def test_each_loss_reaches_only_its_own_parameters(sd_teacher, previous_sample, backbone, loss_kind):
+    """The trainer's order with real backward passes: generator loss first, then the discriminator's; with a frozen
+    teacher encoder under the heads, or an encoder trained through a LoRA adapter of its own on the same UNet."""
+    method, conditioner = make_method(sd_teacher, previous_sample=previous_sample, reconstruction_weight=0.0,
+                                      discriminator_backbone=backbone, adversarial_loss=loss_kind)
     move_off_teacher(method)
     groups = method.trainable()
     assert list(groups) == ["unet", "discriminator"]
-    lora, heads = groups["unet"], groups["discriminator"]
-    unet = method.nets["unet"]
-    assert all("lora" in n for n, p in unet.named_parameters() if p.requires_grad)
-    assert {id(p) for p in heads} == {id(p) for p in method.nets["discriminator"].parameters()}
+    lora, discriminator = groups["unet"], groups["discriminator"]
+    unet = getattr(method.nets["unet"], "unet", method.nets["unet"])  # the shared UNet behind an AdapterView
+    teacher_weights = [p for n, p in unet.named_parameters() if "lora" not in n]
+    assert all("lora" in n for n, p in method.nets["unet"].named_parameters() if p.requires_grad)
+    assert {id(p) for p in discriminator} == {id(p) for p in method.nets["discriminator"].parameters()}
+    assert {id(p) for p in discriminator}.isdisjoint(id(p) for p in lora)
+    backbone_weights = [n for n, p in method.nets["discriminator"].named_parameters() if "lora" in n]
+    if backbone == "frozen":
+        assert backbone_weights == []
+    else:  # the discriminator's adapter covers the encoder (down and mid blocks) only: every weight is used
+        assert 0 < len(backbone_weights) < len(lora)
+        assert all(n.startswith(("backbone.down_blocks.", "backbone.mid_block.")) for n in backbone_weights)
     losses = method.loss(make_batch(conditioner), 0)
 
-    # The adversarial term alone (no reconstruction) reaches the LoRA through the frozen teacher encoder ...
+    # The adversarial term alone (no reconstruction) reaches the LoRA through the discriminator's encoder ...
     losses["unet"].backward()
     assert sum(p.grad.abs().sum().item() for p in lora if p.grad is not None) > 0
-    # ... but neither the discriminator heads nor the teacher's own weights.
-    assert all(p.grad is None for p in heads)
-    assert all(p.grad is None for n, p in unet.named_parameters() if "lora" not in n)
+    # ... but neither the discriminator (heads, and its encoder adapter) nor the teacher's own weights.
+    assert all(p.grad is None for p in discriminator)
+    assert all(p.grad is None for p in teacher_weights)
     for p in lora:
         p.grad = None
     losses["discriminator"].backward()
-    assert all(p.grad is None for p in lora)
-    assert all(p.grad is not None for p in heads) and sum(p.grad.abs().sum().item() for p in heads) > 0
+    assert all(p.grad is None for p in lora) and all(p.grad is None for p in teacher_weights)
+    assert all(p.grad is not None for p in discriminator)
+    assert sum(p.grad.abs().sum().item() for p in discriminator) > 0
+    if backbone == "lora":  # the encoder itself learns (its B matrices start at zero; their gradient does not)
+        assert sum(p.grad.abs().sum().item() for n, p in method.nets["discriminator"].named_parameters()
+                   if "lora_B" in n) > 0
 
 
 def test_training_moves_the_student_and_the_heads_but_not_the_teacher(sd_teacher):
@@ -157,6 +198,32 @@ def test_training_moves_the_student_and_the_heads_but_not_the_teacher(sd_teacher
     torch.testing.assert_close(teacher_after, teacher_before)
     assert (student_after - teacher_before).abs().max() > 1e-4
     assert any(not torch.equal(a, b) for a, b in zip(heads_before, method.trainable()["discriminator"]))
+
+
+def test_ema_of_the_generator_is_what_is_exported(sd_teacher):
+    """--use_ema with the trained discriminator encoder on the same UNet: the exported UNet carries the average of
+    the generator's adapter, and the live weights of everything else (the discriminator's adapter included)."""
+    method, conditioner = make_method(sd_teacher, discriminator_backbone="lora", use_ema=True, ema_decay=0.5)
+    batch = make_batch(conditioner)
+    optimizers = {name: torch.optim.AdamW(params, lr=1e-2) for name, params in method.trainable().items()}
+    for step in range(3):
+        for name, loss in method.loss(batch, step).items():
+            loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+        method.on_step_end(step)
+    live_unet = method.nets["unet"].unet
+    live = dict(live_unet.named_parameters())
+    generator_names = [name for name, _ in method.nets["unet"].named_parameters()]
+    averaged = dict(method.student_unet().named_parameters())
+    assert method.student_unet() is not live_unet
+    for name, shadow in zip(generator_names, method.ema.average.shadow_params):
+        assert torch.equal(averaged[name], shadow)
+    assert any(not torch.equal(averaged[name], live[name]) for name in generator_names)
+    others = [name for name in live if name not in generator_names]
+    assert any(".discriminator." in name for name in others)
+    assert all(torch.equal(averaged[name], live[name]) for name in others)
+    assert method.checkpoint_objects() == [method.ema.average]
 
 
 # ------------------------------------------------------------------------------------------ the math against oracles
@@ -204,7 +271,7 @@ def test_exported_scheduler_samples_the_training_generator(teacher):
     scheduler = student_scheduler(DDPMScheduler.load_config(teacher, subfolder="scheduler"), defaults)
     assert isinstance(scheduler, LCMScheduler)
     vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae")
-    pipe = student_pipeline(method.teacher.info, method.nets["unet"], vae, conditioner, scheduler)
+    pipe = student_pipeline(method.teacher.info, method.student_unet(), vae, conditioner, scheduler)
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = conditioner.encode([PROMPT])
     for steps in (1, 2, 4):
@@ -229,6 +296,12 @@ def test_bad_method_config():
         UFOGenConfig(adversarial_weight=0.0, reconstruction_weight=0.0)
     with pytest.raises(DistillError, match="adversarial_weight"):
         UFOGenConfig(adversarial_weight=-1.0)
+    with pytest.raises(DistillError, match="--adversarial_loss"):
+        UFOGenConfig(adversarial_loss="wasserstein")
+    with pytest.raises(DistillError, match="--discriminator_backbone"):
+        UFOGenConfig(discriminator_backbone="full")
+    with pytest.raises(DistillError, match="--ema_decay"):
+        UFOGenConfig(ema_decay=1.0)
 
 
 # ------------------------------------------------------------------------------------------ as a user runs it
@@ -318,10 +391,16 @@ def test_command_line_trains_both_networks_and_exports(ufogen_run):
     checkpoint = out / "checkpoint-3"
     assert {"unet_trainable.safetensors", "discriminator_trainable.safetensors"} <= {p.name for p in
                                                                                     checkpoint.iterdir()}
-    heads = load_file(checkpoint / "discriminator_trainable.safetensors")
-    assert heads and all(key.startswith("heads.") for key in heads)
+    discriminator = load_file(checkpoint / "discriminator_trainable.safetensors")
+    backbone = [key for key in discriminator if key.startswith("backbone.")]  # its encoder adapter, B trained off 0
+    assert any(key.startswith("heads.") for key in discriminator)
+    assert backbone and all(".discriminator." in key and key.startswith(("backbone.down_blocks.", "backbone.mid_block."))
+                            for key in backbone)
+    assert set(backbone) | {key for key in discriminator if key.startswith("heads.")} == set(discriminator)
+    assert any(discriminator[key].abs().max() > 0 for key in backbone if "lora_B" in key)
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert lora and all(key.startswith("unet.") and "lora" in key for key in lora)
+    assert not any("discriminator" in key for key in lora)  # the export holds the generator's adapter alone
     assert any(value.abs().max() > 0 for key, value in lora.items() if "lora_B" in key)  # trained off zero
     sampling = json.loads((out / "distill_config.json").read_text())["sampling"]
     assert sampling == {"scheduler": "LCMScheduler", "num_inference_steps": 1, "guidance_scale": 1.0}
@@ -355,6 +434,7 @@ def test_students_load_in_a_fresh_process_and_agree(ufogen_run):
 @pytest.mark.parametrize("flags, message", [
     (["--previous_sample", "ancestral"], "--previous_sample must be marginal"),
     (["--adversarial_weight", "0", "--reconstruction_weight", "0"], "both 0"),
+    (["--discriminator_backbone", "full"], "--discriminator_backbone must be frozen or lora"),
 ])
 def test_bad_flags_exit_2_with_one_error_line(sd_teacher, image_folder, tmp_path, flags, message):
     result = run([str(SCRIPT), "--pretrained_teacher_model", str(sd_teacher), "--train_data_dir", str(image_folder),

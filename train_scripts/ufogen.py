@@ -3,8 +3,9 @@
     accelerate launch train_scripts/ufogen.py --pretrained_teacher_model=<folder or Hub id> \
         --train_data_dir=<images + metadata.jsonl> --output_dir=ufogen-lora --max_train_steps=1000
 
-The discriminator (frozen teacher encoder + trainable heads) has its own optimizer, "discriminator", with its own
-learning rate (default 1e-4; --learning_rates discriminator=<lr> to change it). Every flag:
+The discriminator (the teacher's UNet encoder with a LoRA adapter of its own, plus one head per feature level; with
+--discriminator_backbone frozen only the heads train) has its own optimizer, "discriminator", at --learning_rate as
+in the reference (--learning_rates discriminator=<lr> to change it). Every flag:
 python train_scripts/ufogen.py --help
 """
 

@@ -10,6 +10,7 @@ import torch
 from ..batching import LatentBatch
 from ..teacher import TeacherInfo
 from ..denoiser import AdapterView, Denoiser
+from ..ema import StudentEMA
 from ..schedule import NoiseSchedule
 
 
@@ -58,6 +59,12 @@ class Method(abc.ABC):
         self.teacher = teacher
         self.config = config
         self.nets: dict[str, torch.nn.Module] = {}
+        self.ema: StudentEMA | None = None  # see keep_ema
+
+    def keep_ema(self, params: list[torch.nn.Parameter]) -> None:
+        """With --use_ema (``EMASettings``), average the student's ``params`` and validate and export the average."""
+        if getattr(self.config, "use_ema", False):
+            self.ema = StudentEMA(params, self.config.ema_decay)
 
     @abc.abstractmethod
     def trainable(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -83,18 +90,21 @@ class Method(abc.ABC):
         return base_learning_rate
 
     def on_step_end(self, step: int) -> None:
-        """Called after every optimizer update (for example to update an EMA copy)."""
+        """Called after every optimizer update (updates the EMA, when one is kept)."""
+        if self.ema is not None:
+            self.ema.step()
 
     def checkpoint_objects(self) -> list:
-        """Extra objects with state_dict/load_state_dict saved in every checkpoint (for example an EMA copy)."""
-        return []
+        """Extra objects with state_dict/load_state_dict saved in every checkpoint (the EMA, when one is kept)."""
+        return [self.ema.average] if self.ema is not None else []
 
     def student_unet(self) -> torch.nn.Module:
-        """The UNet to validate and export (a method keeping an EMA copy returns the EMA weights here; a student that
-        is one adapter of a shared UNet, an ``AdapterView``, gives that UNet with only the student's adapter on)."""
+        """The UNet to validate and export: a copy holding the EMA weights when one is kept; a student that is one
+        adapter of a shared UNet, an ``AdapterView``, gives that UNet with only the student's adapter on."""
         net = self.nets["unet"]
         bare = getattr(net, "module", net)
-        return bare.activated() if isinstance(bare, AdapterView) else net
+        unet = bare.activated() if isinstance(bare, AdapterView) else net
+        return self.ema.averaged_copy(getattr(unet, "module", unet)) if self.ema is not None else unet
 
     def denoiser(self, name: str = "unet") -> Denoiser:
         """The (possibly distributed-wrapped) network ``name`` as a denoiser on the teacher's schedule."""

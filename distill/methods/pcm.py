@@ -16,7 +16,7 @@ import torch
 from ..discriminator import DiscriminatorHeads, teacher_features
 from ..errors import DistillError
 from ..lora import LoRASettings
-from ..losses import DistanceSettings, distance, hinge_adversarial_losses
+from ..losses import DistanceSettings, distance, adversarial_losses
 from ..schedule import diffuse_between, phase_edges, phase_lower_edge, skipping_step_pairs
 from ..solvers import CFGSolverSettings, cfg_teacher_ddim_step, ddim_step, teacher_ddim_step
 from .base import LatentBatch, Method, SamplingSpec, Teacher
@@ -139,7 +139,7 @@ class PCM(Method):
             real_features = teacher_features(self.denoiser(), real, t_adv, batch.cond)
         # 10. Hinge losses: the generator's -D(x~_{t'}) through frozen heads, and the discriminator's
         #     relu(1 - D(x^_{t'})) + relu(1 + D(x~_{t'})) on detached features.
-        generator, discriminator = hinge_adversarial_losses(self.nets[DISCRIMINATOR], real_features, fake_features)
+        generator, discriminator = adversarial_losses(self.nets[DISCRIMINATOR], real_features, fake_features)
         # 11. Generator loss: consistency + lambda * adversarial; the discriminator's loss is stepped after it.
         return {"unet": loss + self.config.adv_weight * generator, DISCRIMINATOR: discriminator}
 

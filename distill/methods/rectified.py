@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..denoiser import Denoiser
+from ..ema import EMASettings
 from ..errors import DistillError
 from ..lora import LoRASettings
 from ..losses import DistanceSettings, distance
@@ -36,7 +37,7 @@ CLEAN = -1  # the timestep index standing for the clean end (alpha = 1, sigma = 
 
 
 @dataclass
-class RectifiedConfig(DistanceSettings, LoRASettings):
+class RectifiedConfig(EMASettings, DistanceSettings, LoRASettings):
     """Defaults of the Rectified Diffusion reference (phased: 40-step DDIM grid in 4 phases, teacher CFG w = 2)."""
 
     rectified_variant: str = field(default="pairs", metadata={
@@ -54,10 +55,6 @@ class RectifiedConfig(DistanceSettings, LoRASettings):
                 "consistency)."})
     full_finetune: bool = field(default=False, metadata={
         "help": "Train the whole UNet instead of a LoRA."})
-    use_ema: bool = field(default=False, metadata={
-        "help": "Keep and export an EMA of the trained weights (diffusers EMAModel)."})
-    ema_decay: float = field(default=0.9999, metadata={
-        "help": "Decay of the EMA of the trained weights (--use_ema), in (0, 1)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -76,8 +73,6 @@ class RectifiedConfig(DistanceSettings, LoRASettings):
                                f"{self.teacher_guidance_scale}.")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise DistillError(f"--num_inference_steps must be >= 1, got {self.num_inference_steps}.")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise DistillError(f"--ema_decay must be in (0, 1), got {self.ema_decay}; e.g. 0.9999.")
 
     def check_against_teacher(self, num_train_timesteps: int) -> None:
         """The N-point DDIM grid must fit the teacher's T training timesteps (called before any weights load)."""
@@ -98,7 +93,7 @@ class RectifiedDiffusion(Method):
                                if config.full_finetune and config.rectified_variant == "phased" else None)
         self.params = config.student_parameters(teacher.unet, teacher.lora_targets, config.full_finetune)
         self.nets["unet"] = teacher.unet
-        self.ema = self._make_ema() if config.use_ema else None
+        self.keep_ema(self.params)
         num_train = teacher.schedule.num_train_timesteps
         config.check_against_teacher(num_train)
         self.grid = ddim_timesteps(num_train, config.num_ddim_timesteps)
@@ -111,11 +106,6 @@ class RectifiedDiffusion(Method):
     @classmethod
     def data_kind_for(cls, config: RectifiedConfig) -> str:
         return "images" if config.rectified_variant == "phased" else "pairs"
-
-    def _make_ema(self):
-        from diffusers.training_utils import EMAModel
-
-        return EMAModel(self.params, decay=self.config.ema_decay)
 
     # ------------------------------------------------------------------------------------------ interface
     def trainable(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -130,22 +120,6 @@ class RectifiedDiffusion(Method):
         if variant == "consistency":
             return {"unet": self.consistency_loss(batch)}
         return {"unet": self.pairs_loss(batch)}
-
-    def on_step_end(self, step: int) -> None:
-        if self.ema is not None:
-            self.ema.step(self.params)
-
-    def checkpoint_objects(self) -> list:
-        return [self.ema] if self.ema is not None else []
-
-    def student_unet(self) -> torch.nn.Module:
-        """The trained UNet, or a copy holding the EMA weights when --use_ema."""
-        unet = self.nets["unet"]
-        if self.ema is None:
-            return unet
-        averaged = copy.deepcopy(getattr(unet, "module", unet))
-        self.ema.copy_to([p for p in averaged.parameters() if p.requires_grad])
-        return averaged
 
     def export_defaults(self) -> SamplingSpec:
         steps = self.config.num_inference_steps

@@ -3,10 +3,13 @@
 The generator is the teacher's UNet with a LoRA: from x_t it predicts x0' = G_theta(x_t, t). Training pairs are
 T / K timesteps apart (t-1 := max(t - T/K, 0)). The real x_{t-1} is drawn from q(x_{t-1} | x0), the fake x'_{t-1}
 from q(x_{t-1} | x0') (UFOGen's parameterisation, sec. 4.1; "posterior" draws both from q(x_{t-1} | x_t, .) as
-DDGAN / SIDDM do). A discriminator made of the frozen teacher's encoder features and small trainable heads tells
-them apart (hinge loss); the generator also minimises the reconstruction term gamma_t ||x0' - x0||^2 to which
-SIDDM's KL term reduces (sec. 4.1, appendix A.2.2). Sampling: x0' = G(x_T, T) is the one-step sample; with more
-steps x0' is re-noised to the next point of the K-point chain with fresh noise and denoised again.
+DDGAN / SIDDM do). A discriminator tells them apart: by default, as in the paper, one initialised from the pre-trained
+UNet and trained (its encoder, through a LoRA adapter of its own on the student's UNet, plus one head per feature
+level), with the reference code's logistic loss whose logits are clamped at +-0.5 (``--discriminator_backbone frozen``
+and ``--adversarial_loss hinge`` give heads on the frozen teacher's encoder, as PCM's). The generator also minimises
+the reconstruction term gamma_t ||x0' - x0||^2 to which SIDDM's KL term reduces (sec. 4.1, appendix A.2.2). Both
+networks train at --learning_rate (the reference: Adam at 1e-4 for both). Sampling: x0' = G(x_T, T) is the one-step
+sample; with more steps x0' is re-noised to the next point of the K-point chain with fresh noise and denoised again.
 """
 
 from __future__ import annotations
@@ -16,24 +19,24 @@ from dataclasses import dataclass, field
 import torch
 
 from ..conditioning import Cond
-from ..discriminator import DiscriminatorHeads, teacher_features
+from ..discriminator import DiscriminatorHeads, TrainedEncoderDiscriminator, encoder_modules, teacher_features
+from ..ema import EMASettings
 from ..errors import DistillError
 from ..lora import LoRASettings
-from ..losses import hinge_adversarial_losses
+from ..losses import ADVERSARIAL_LOSSES, adversarial_losses, gan_losses
 from ..renoising import chain_timesteps, renoising_sample, x0_chain_scheduler_config
 from ..schedule import posterior_mean_variance, transition_variance
+from ..score_distillation import student_and_fake_score
 from ..solvers import check_fits_teacher
 from .base import LatentBatch, Method, SamplingSpec, Teacher
 
 DISCRIMINATOR = "discriminator"
 PREVIOUS_SAMPLES = ("marginal", "posterior")
-# The discriminator heads' default learning rate (the reference trains its discriminator with Adam at 1e-4);
-# override with --learning_rates discriminator=<lr>.
-DISCRIMINATOR_LEARNING_RATE = 1e-4
+DISCRIMINATOR_BACKBONES = ("frozen", "lora")
 
 
 @dataclass
-class UFOGenConfig(LoRASettings):
+class UFOGenConfig(EMASettings, LoRASettings):
     """UFOGen's objective with the reference implementation's defaults (K = 4 steps of T / 4, lambda = 1)."""
 
     num_denoising_steps: int = field(default=4, metadata={
@@ -42,7 +45,14 @@ class UFOGenConfig(LoRASettings):
         "help": "How x_{t-1} is drawn from x0: marginal, q(x_{t-1} | x0) (UFOGen), or posterior, q(x_{t-1} | x_t, x0) "
                 "(DDGAN/SIDDM)."})
     adversarial_weight: float = field(default=1.0, metadata={
-        "help": "Weight of the generator's adversarial (hinge) loss."})
+        "help": "Weight of the generator's adversarial loss."})
+    adversarial_loss: str = field(default="logistic", metadata={
+        "help": "GAN loss: hinge, or logistic (non-saturating, logits clamped at +-0.5 as the reference code does)."})
+    discriminator_backbone: str = field(default="lora", metadata={
+        "help": "frozen: heads on the frozen teacher's encoder features; lora: the encoder is trained too, through a "
+                "LoRA adapter of its own on the same UNet (initialised as the teacher, as UFOGen's discriminator)."})
+    discriminator_lora_rank: int | None = field(default=None, metadata={
+        "help": "LoRA rank of the discriminator's encoder (--discriminator_backbone lora; default: --lora_rank)."})
     reconstruction_weight: float = field(default=1.0, metadata={
         "help": "Weight lambda of the reconstruction term gamma_t ||x0' - x0||^2."})
 
@@ -54,6 +64,13 @@ class UFOGenConfig(LoRASettings):
         if self.previous_sample not in PREVIOUS_SAMPLES:
             raise DistillError(f"--previous_sample must be marginal (UFOGen) or posterior (DDGAN/SIDDM), got "
                                f"{self.previous_sample!r}.")
+        if self.adversarial_loss not in ADVERSARIAL_LOSSES:
+            raise DistillError(f"--adversarial_loss must be one of {', '.join(ADVERSARIAL_LOSSES)}, got "
+                               f"{self.adversarial_loss!r}.")
+        if self.discriminator_backbone not in DISCRIMINATOR_BACKBONES:
+            raise DistillError(f"--discriminator_backbone must be frozen or lora, got {self.discriminator_backbone!r}.")
+        if self.discriminator_lora_rank is not None and self.discriminator_lora_rank < 1:
+            raise DistillError(f"--discriminator_lora_rank must be positive, got {self.discriminator_lora_rank}.")
         if self.adversarial_weight < 0 or self.reconstruction_weight < 0:
             raise DistillError(f"--adversarial_weight and --reconstruction_weight must be >= 0, got "
                                f"{self.adversarial_weight} and {self.reconstruction_weight}.")
@@ -67,7 +84,7 @@ class UFOGenConfig(LoRASettings):
 
 
 class UFOGen(Method):
-    """A LoRA generator x0' = G_theta(x_t, t) trained against teacher-feature discriminator heads."""
+    """A LoRA generator x0' = G_theta(x_t, t) trained against a diffusion-GAN discriminator on the UNet's encoder."""
 
     name = "ufogen"
     Config = UFOGenConfig
@@ -77,16 +94,22 @@ class UFOGen(Method):
         num_train_timesteps = teacher.schedule.num_train_timesteps
         config.check_against_teacher(num_train_timesteps)
         self.gap = num_train_timesteps // config.num_denoising_steps
-        self.lora_params = config.attach_lora(teacher.unet, teacher.lora_targets)
-        self.nets["unet"] = teacher.unet
-        self.nets[DISCRIMINATOR] = DiscriminatorHeads.from_unet_config(teacher.unet.config).to(
-            teacher.unet.device)
+        heads = DiscriminatorHeads.from_unet_config(teacher.unet.config).to(teacher.unet.device)
+        if config.discriminator_backbone == "lora":
+            rank = config.discriminator_lora_rank or config.lora_rank
+            student, self.lora_params, backbone = student_and_fake_score(
+                teacher.unet, config, teacher.lora_targets, False, rank, rank * config.lora_alpha / config.lora_rank,
+                adapter=DISCRIMINATOR, fake_targets=encoder_modules(teacher.unet, config.targets(teacher.lora_targets)))
+            self.nets["unet"] = student
+            self.nets[DISCRIMINATOR] = TrainedEncoderDiscriminator(backbone, heads)
+        else:
+            self.lora_params = config.attach_lora(teacher.unet, teacher.lora_targets)
+            self.nets["unet"] = teacher.unet
+            self.nets[DISCRIMINATOR] = heads
+        self.keep_ema(self.lora_params)  # the reference samples from an EMA of the generator (--use_ema)
 
     def trainable(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"unet": self.lora_params, DISCRIMINATOR: list(self.nets[DISCRIMINATOR].parameters())}
-
-    def learning_rate_for(self, name: str, base_learning_rate: float) -> float:
-        return DISCRIMINATOR_LEARNING_RATE if name == DISCRIMINATOR else base_learning_rate
 
     def sample_timesteps(self, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """t ~ U{1, ..., T-1} and t-1 := max(t - T/K, 0), a large denoising step (UFOGen sec. 4; reference code)."""
@@ -132,18 +155,29 @@ class UFOGen(Method):
         # 4. Real x_{t-1} from x0 and fake x'_{t-1} from x0', with independent noise.
         real = self.previous_sample(x0, x_t, t, t_prev, torch.randn_like(x0))
         fake = self.previous_sample(x0_fake, x_t, t, t_prev, torch.randn_like(x0))
-        # 5. Discriminator features at t-1 from the frozen teacher's encoder: through the fake for the generator.
-        fake_features = teacher_features(self.denoiser(), fake, t_prev, batch.cond)
-        with torch.no_grad():
-            real_features = teacher_features(self.denoiser(), real, t_prev, batch.cond)
-        # 6. Hinge losses: -D(x'_{t-1}) for the generator (heads frozen), D's loss on detached features.
-        adversarial, discriminator = hinge_adversarial_losses(self.nets[DISCRIMINATOR], real_features, fake_features)
+        # 5-6. The discriminator at t-1: its GAN loss on real and detached fake, the generator's through the fake.
+        adversarial, discriminator = self.adversarial_losses(real, fake, t_prev, batch.cond)
         # 7. Reconstruction gamma_t ||x0' - x0||^2, SIDDM's KL term between q(x_t | x'_{t-1}) and q(x_t | x_{t-1}).
         gamma = self.reconstruction_weight(t, t_prev, x0)
         reconstruction = (gamma * (x0_fake - x0).pow(2)).mean()
         # 8. Generator: lambda_adv * adversarial + lambda_rec * reconstruction; the discriminator trains on its own.
         generator = self.config.adversarial_weight * adversarial + self.config.reconstruction_weight * reconstruction
         return {"unet": generator, DISCRIMINATOR: discriminator}
+
+    def adversarial_losses(self, real: torch.Tensor, fake: torch.Tensor, t_prev: torch.Tensor,
+                           cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(generator, discriminator) GAN losses at t-1 (UFOGen sec. 4.1, eq. 4): the generator's reaches the
+        generator through x'_{t-1} with D frozen; D's reaches D only, on real and detached fake."""
+        kind, discriminator = self.config.adversarial_loss, self.nets[DISCRIMINATOR]
+        if self.config.discriminator_backbone == "frozen":  # encoder features shared by both losses
+            fake_features = teacher_features(self.denoiser(), fake, t_prev, cond)
+            with torch.no_grad():
+                real_features = teacher_features(self.denoiser(), real, t_prev, cond)
+            return adversarial_losses(discriminator, real_features, fake_features, kind)
+        generator_logits = getattr(discriminator, "module", discriminator).frozen(fake, t_prev, cond)
+        both = discriminator(torch.cat([real, fake.detach()]), torch.cat([t_prev, t_prev]), Cond.cat([cond, cond]))
+        real_logits, fake_logits = zip(*(logits.chunk(2) for logits in both))
+        return gan_losses(kind, generator_logits, list(real_logits), list(fake_logits))
 
     def export_defaults(self) -> SamplingSpec:
         return SamplingSpec("LCMScheduler", num_inference_steps=1, guidance_scale=1.0,
