@@ -96,6 +96,12 @@ def gan_losses(kind: str, generator_logits: list[torch.Tensor], real_logits: lis
     return generator_loss(generator_logits), discriminator_loss(real_logits, fake_logits)
 
 
+def split_real_fake(logits: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-level logits of one discriminator pass over cat([real, fake]), split into (real, fake) lists."""
+    real, fake = zip(*(level.chunk(2) for level in logits))
+    return list(real), list(fake)
+
+
 def adversarial_losses(heads: torch.nn.Module, real_features: list[torch.Tensor], fake_features: list[torch.Tensor],
                        kind: str = "hinge") -> tuple[torch.Tensor, torch.Tensor]:
     """(generator, discriminator) GAN losses of discriminator heads on feature maps: hinge (Lim & Ye 2017, eq. 5-6)
@@ -106,5 +112,4 @@ def adversarial_losses(heads: torch.nn.Module, real_features: list[torch.Tensor]
     """
     generator_logits = getattr(heads, "module", heads).frozen(fake_features)
     both = heads([torch.cat([r.detach(), f.detach()]) for r, f in zip(real_features, fake_features)])
-    real_logits, fake_logits = zip(*(logits.chunk(2) for logits in both))
-    return gan_losses(kind, generator_logits, list(real_logits), list(fake_logits))
+    return gan_losses(kind, generator_logits, *split_real_fake(both))

@@ -23,7 +23,7 @@ from ..discriminator import DiscriminatorHeads, TrainedEncoderDiscriminator, enc
 from ..ema import EMASettings
 from ..errors import DistillError
 from ..lora import LoRASettings
-from ..losses import ADVERSARIAL_LOSSES, adversarial_losses, gan_losses
+from ..losses import ADVERSARIAL_LOSSES, adversarial_losses, gan_losses, split_real_fake
 from ..renoising import chain_timesteps, renoising_sample, x0_chain_scheduler_config
 from ..schedule import posterior_mean_variance, transition_variance
 from ..score_distillation import student_and_fake_score
@@ -176,8 +176,7 @@ class UFOGen(Method):
             return adversarial_losses(discriminator, real_features, fake_features, kind)
         generator_logits = getattr(discriminator, "module", discriminator).frozen(fake, t_prev, cond)
         both = discriminator(torch.cat([real, fake.detach()]), torch.cat([t_prev, t_prev]), Cond.cat([cond, cond]))
-        real_logits, fake_logits = zip(*(logits.chunk(2) for logits in both))
-        return gan_losses(kind, generator_logits, list(real_logits), list(fake_logits))
+        return gan_losses(kind, generator_logits, *split_real_fake(both))
 
     def export_defaults(self) -> SamplingSpec:
         return SamplingSpec("LCMScheduler", num_inference_steps=1, guidance_scale=1.0,
