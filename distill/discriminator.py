@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .denoiser import using_adapter
+from .denoiser import network_dtype, using_adapter
 
 
 def unet_encoder_features(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
@@ -104,7 +104,7 @@ def teacher_features(denoiser, x: torch.Tensor, t: torch.Tensor, cond) -> list[t
     """Encoder features of the frozen teacher (the student's UNet with LoRA disabled), differentiable w.r.t. ``x``
     (PCM's adversarial loss and UFOGen's discriminator: both build D on the pre-trained UNet's encoder)."""
     with denoiser.as_teacher() as teacher, _without_gradient_checkpointing(teacher.module):
-        dtype = teacher.module.dtype
+        dtype = network_dtype(teacher.module)
         return unet_encoder_features(teacher.module, x.to(dtype), t, **cond.to(x.device, dtype).unet_kwargs())
 
 
@@ -194,7 +194,7 @@ def adapter_encoder_features(view, x: torch.Tensor, t: torch.Tensor, cond) -> li
     """Encoder features of an ``AdapterView``'s UNet with only its adapter on (the encoder half only)."""
     unet = view.unet
     with using_adapter(unet, view.adapter), _without_gradient_checkpointing(unet):
-        dtype = unet.dtype
+        dtype = network_dtype(unet)
         return unet_encoder_features(unet, x.to(dtype), t, **cond.to(x.device, dtype).unet_kwargs())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import json
@@ -345,3 +346,39 @@ def switch_adapter(unet: torch.nn.Module, adapter: str | list[str] | None) -> li
             layer._active_adapter = names
         layer._disable_adapters = names is None
     return previous
+
+
+NO_ADAPTER = "__base__"  # peft's name for the rows of a mixed-adapter batch that run with every adapter off
+
+
+@contextlib.contextmanager
+def adapters_by_row(unet: torch.nn.Module, adapters: list[str | None]):
+    """Inside the block, row i of a batch through ``unet`` runs with only LoRA adapter ``adapters[i]`` on (None: every
+    adapter off, the teacher): peft's mixed-adapter batches, so that passes through different adapters of one UNet
+    share one forward call. For passes without gradients (peft gathers each adapter's rows out of the batch).
+
+    A forward pre-hook on each adapter layer, installed on first use, hands peft the row names while a block is open.
+    """
+    bare = getattr(unet, "module", unet)
+    names = [NO_ADAPTER if adapter is None else adapter for adapter in adapters]
+    used = sorted({name for name in names if name != NO_ADAPTER})
+    layers = tuner_layers(bare)
+    previous = switch_adapter(bare, used or None)
+    for layer in layers:
+        if "_distill_row_adapters" not in layer.__dict__:
+            layer.register_forward_pre_hook(_inject_row_adapters, with_kwargs=True)
+        layer.__dict__["_distill_row_adapters"] = names
+    try:
+        yield bare
+    finally:
+        for layer in layers:
+            layer.__dict__["_distill_row_adapters"] = None
+        switch_adapter(bare, previous)
+
+
+def _inject_row_adapters(layer: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of an adapter layer: pass peft the per-row adapter names while ``adapters_by_row`` is open."""
+    names = layer.__dict__.get("_distill_row_adapters")
+    if names is None:
+        return None
+    return args, {**kwargs, "adapter_names": names}

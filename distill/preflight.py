@@ -100,6 +100,8 @@ def check_inputs(method_cls, method_config, data_config: ImageDataConfig, cfg: T
         raise DistillError(f"--max_train_steps must be positive, got {cfg.max_train_steps}.")
     if resolution % 8:
         raise DistillError(f"--resolution must be a multiple of 8, got {resolution}.")
+    if cfg.dataloader_num_workers is not None and cfg.dataloader_num_workers < 0:
+        raise DistillError(f"--dataloader_num_workers must be 0 or more, got {cfg.dataloader_num_workers}.")
     _check_optional_packages(cfg)
     if cfg.push_to_hub and not cfg.hub_model_id:
         raise DistillError("--push_to_hub needs --hub_model_id (the repo to create or update).")

@@ -22,13 +22,14 @@ import torch
 
 from .conditioning import Cond
 from .denoiser import AdapterView, Denoiser
-from .lora import ADAPTER_NAME, LoRASettings, add_lora, rank_warning
+from .lora import ADAPTER_NAME, LoRASettings, add_lora, adapters_by_row, rank_warning
 from .losses import distance, score_distillation_surrogate
 from .schedule import NoiseSchedule
-from .solvers import cfg_teacher_prediction
+from .solvers import cfg_teacher_prediction, guided
 
-__all__ = ["FAKE_SCORE_ADAPTER", "WEIGHTINGS", "add_fake_score", "fake_score_loss", "one_step_x0", "real_score",
-           "score_distillation_surrogate", "student_and_fake_score", "vsd_gradient", "vsd_weight"]
+__all__ = ["FAKE_SCORE_ADAPTER", "WEIGHTINGS", "add_fake_score", "fake_score_loss", "one_step_x0",
+           "real_and_fake_scores", "real_score", "score_distillation_surrogate", "student_and_fake_score",
+           "vsd_gradient", "vsd_weight"]
 
 FAKE_SCORE_ADAPTER = "fake_score"
 WEIGHTINGS = ("swiftbrush", "dmd")
@@ -117,6 +118,24 @@ def vsd_weight(schedule: NoiseSchedule, t: torch.Tensor, x0: torch.Tensor, x0_re
 
 
 @torch.no_grad()
+def real_and_fake_scores(fake_score: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond,
+                         guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x0_real, eps_real, eps_fake): ``real_score`` and the conditional fake score eps_phi(x_t, t, y) at the same x_t,
+    in one batched UNet call: rows [cond | uncond] with every adapter off, rows [cond] with the fake score's adapter.
+
+    ``fake_score`` is an ``AdapterView`` (one adapter of a shared UNet, or of the teacher's copy for a full student);
+    peft runs each adapter on its own rows (``lora.adapters_by_row``), so this equals the three separate passes.
+    """
+    view = fake_score.module
+    n = x_t.shape[0]
+    with adapters_by_row(view.unet, [None] * (2 * n) + [view.adapter] * n):
+        x0, eps = fake_score(torch.cat([x_t] * 3), torch.cat([t] * 3), Cond.cat([cond, uncond, cond]))
+    (x0_cond, x0_uncond, _), (eps_cond, eps_uncond, eps_fake) = x0.chunk(3), eps.chunk(3)
+    w = torch.full((n,), guidance_scale - 1.0, device=x_t.device)
+    return guided(x0_cond, x0_uncond, w), guided(eps_cond, eps_uncond, w), eps_fake
+
+
+@torch.no_grad()
 def vsd_gradient(fake_score: Denoiser, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
                  uncond: Cond, guidance_scale: float, weighting: str) -> torch.Tensor:
     """omega(t) (eps_psi^w(x_t, t, y) - eps_phi(x_t, t, y)): dL/dx0 of VSD (ProlificDreamer, Wang et al. 2023, eq. 9;
@@ -128,8 +147,7 @@ def vsd_gradient(fake_score: Denoiser, x0: torch.Tensor, x_t: torch.Tensor, t: t
     DMD2 keeps fake guidance at 1). With scores s = -eps / sigma_t, a descent step -g = omega sigma_t (s_real - s_fake)
     moves the sample up the guided teacher's log-density and down the student's own: it lowers KL(p_student||p_teacher).
     """
-    x0_real, eps_real = real_score(fake_score, x_t, t, cond, uncond, guidance_scale)
-    _, eps_fake = fake_score(x_t, t, cond)
+    x0_real, eps_real, eps_fake = real_and_fake_scores(fake_score, x_t, t, cond, uncond, guidance_scale)
     return vsd_weight(fake_score.schedule, t, x0.detach(), x0_real, weighting) * (eps_real - eps_fake)
 
 

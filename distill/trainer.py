@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -89,6 +90,14 @@ def batches_per_process(loader, accelerator) -> int:
     if accelerator.num_processes == 1:
         return len(loader)
     return len(BatchSamplerShard(loader.batch_sampler, accelerator.num_processes, accelerator.process_index))
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """--dataloader_num_workers, or by default 4 on a GPU (the next batches load while a step runs) and 0 on the CPU
+    (where workers would take cores from the step itself)."""
+    if requested is not None:
+        return requested
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
 class Trainer:
@@ -183,6 +192,8 @@ class Trainer:
             teacher.network.enable_gradient_checkpointing()
         if cfg.enable_xformers_memory_efficient_attention:
             teacher.network.enable_xformers_memory_efficient_attention()
+        if cfg.torch_compile:
+            teacher.network.compile_repeated_blocks()
         return method, groups
 
     def _data(self, inputs: Inputs, encoder: BatchEncoder, plan: RunPlan):
@@ -197,8 +208,10 @@ class Trainer:
             collate = None
         # accelerate's seedable sampler reseeds this generator from (seed, epoch) at every epoch: the same order on
         # every process and after a resume.
+        on_gpu = accelerator.device.type == "cuda"
         loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train_batch_size, shuffle=True,
-                                             collate_fn=collate, num_workers=cfg.dataloader_num_workers,
+                                             collate_fn=collate, pin_memory=on_gpu,
+                                             num_workers=loader_workers(cfg.dataloader_num_workers, accelerator.device),
                                              drop_last=len(train_set) >= cfg.train_batch_size,
                                              generator=torch.Generator().manual_seed(plan.seed))
         if len(loader) == 0:

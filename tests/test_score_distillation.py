@@ -22,7 +22,8 @@ from distill.families import UNET_LORA_TARGETS
 from distill.lora import ADAPTER_NAME, LoRASettings, lora_state_dict, switch_adapter
 from distill.methods import LatentBatch, SwiftBrush, SwiftBrushConfig, Teacher
 from distill.schedule import NoiseSchedule
-from distill.score_distillation import (FAKE_SCORE_ADAPTER, fake_score_loss, one_step_x0, real_score,
+from distill.score_distillation import (FAKE_SCORE_ADAPTER, fake_score_loss, one_step_x0, real_and_fake_scores,
+                                        real_score,
                                         student_and_fake_score, vsd_weight)
 from distill.teacher import inspect_teacher, native_resolution
 
@@ -127,6 +128,35 @@ def test_real_score_is_the_guided_teacher_with_every_adapter_off(sd_teacher, sha
             torch.testing.assert_close(guided, eps_u + 4.5 * (eps_c - eps_u), rtol=1e-4, atol=1e-5)
             _, conditional = real_score(Denoiser(view, pristine.schedule), x_t, t, batch.cond, batch.uncond, 1.0)
             torch.testing.assert_close(conditional, eps_c, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("full_student", [False, True])
+def test_one_batched_call_gives_the_real_and_fake_scores_of_separate_passes(sd_teacher, full_student):
+    """Rows [cond | uncond] with every adapter off and rows [cond] with the fake score's adapter, in one UNet call
+    (peft's mixed-adapter batch), equal the guided teacher and the fake score run one by one; the adapter choice
+    that was on before comes back."""
+    unet = UNet2DConditionModel.from_pretrained(sd_teacher, subfolder="unet")
+    student, student_params, fake = student_and_fake_score(unet, LoRASettings(lora_rank=4), UNET_LORA_TARGETS,
+                                                           full_student, 4, 4.0)
+    perturb(student_params if not full_student else [], seed=1)
+    perturb(fake.parameters(), seed=2)
+    schedule, batch = schedule_of(sd_teacher), batch_for(sd_teacher)
+    torch.manual_seed(5)
+    x_t, t = torch.randn(2, *LATENT_SHAPE), torch.tensor([250, 850])
+    fake_score = Denoiser(fake, schedule)
+    before = layer_states(fake.unet)
+    x0_real, eps_real, eps_fake = real_and_fake_scores(fake_score, x_t, t, batch.cond, batch.uncond, 3.0)
+    assert layer_states(fake.unet) == before
+    with torch.no_grad():
+        expected_x0, expected_eps = real_score(fake_score, x_t, t, batch.cond, batch.uncond, 3.0)
+        _, expected_fake = fake_score(x_t, t, batch.cond)
+        with fake_score.as_teacher() as teacher:
+            _, teacher_eps = teacher(x_t, t, batch.cond)
+    # float noise of a 6-row against a 2-row matrix product; x0 = (x_t - sigma eps) / alpha scales it by sigma / alpha
+    torch.testing.assert_close(eps_real, expected_eps, rtol=1e-4, atol=5e-5)
+    torch.testing.assert_close(eps_fake, expected_fake, rtol=1e-4, atol=5e-5)
+    torch.testing.assert_close(x0_real, expected_x0, rtol=1e-4, atol=2e-4)
+    assert (expected_fake - teacher_eps).abs().max() > 1e-3  # the fake adapter's rows really ran with it
 
 
 # ------------------------------------------------------------------------------------------ adapters

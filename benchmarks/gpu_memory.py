@@ -1,0 +1,304 @@
+"""Derived GPU memory per method, SD1.5 and SDXL: .venv/bin/python benchmarks/gpu_memory.py --out docs/gpu_memory.md"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import diffusers
+import torch
+import torch.utils.checkpoint
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+from distill.discriminator import BottleneckClassifier, DiscriminatorHeads, unet_encoder_features
+from distill.families import SD, SDXL, UNET_LORA_TARGETS
+from distill.lora import add_lora
+
+GIB, RANK, CHECKPOINT = 2**30, 64, torch.utils.checkpoint.checkpoint
+SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, sample_size=64)
+SDXL_UNET = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, sample_size=128)
+VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+           up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
+CLIP_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+              projection_dim=768, hidden_act="quick_gelu")
+CLIP_BIGG = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
+                 projection_dim=1280, hidden_act="gelu")
+# Ops CUDA autocast runs in bf16 / in fp32 (aten/src/ATen/autocast_mode.cpp), as far as these networks call them.
+LOWER = {"linear", "conv2d", "matmul", "mm", "bmm", "baddbmm", "addmm", "einsum"}
+FP32 = {"group_norm", "layer_norm", "exp", "log", "pow", "__pow__", "rsqrt", "softplus", "softmax", "mse_loss"}
+# Per method: its trainable groups, the graphs it keeps until its first backward (the trainer computes every loss
+# first) as (curve, rows per sample), and the most rows of its no-gradient UNet calls (CFG: 2; real + fake score: 3).
+METHODS = {
+    "lcm, pcm, rectified (phased)": (("lora",), (("unet", 1),), 2),
+    "rectified (pairs, consistency)": (("lora",), (("unet", 1),), 1),
+    "pcm --adv_weight > 0": (("lora", "heads"), (("unet", 1), ("teacher encoder", 1), ("heads", 2), ("heads", 1)), 2),
+    "swiftbrush": (("lora", "lora"), (("unet", 1), ("unet", 1)), 3),
+    "ufogen": (("lora", "encoder lora", "heads"),
+               (("unet", 1), ("frozen encoder", 1), ("trained encoder", 2), ("heads", 2), ("heads", 1)), 1),
+    "dmd2": (("lora", "lora", "classifier"), (("unet", 1), ("plain frozen encoder", 1),
+                                              ("unet", 3), ("classifier", 2), ("classifier", 1)), 3),
+}
+LABELS = {"lora": "LoRA, rank 64 (one adapter)", "encoder lora": "ufogen: discriminator LoRA (encoder modules)",
+          "heads": "pcm, ufogen: discriminator heads", "classifier": "dmd2: bottleneck classifier"}
+
+
+class GpuKernels(TorchFunctionMode):
+    """As a CUDA bf16 step runs: SDPA as the flash kernel, and (``emulate_autocast``) CUDA autocast's casts."""
+
+    def __init__(self, emulate_autocast: bool):
+        super().__init__()
+        self.autocast, self.cache = emulate_autocast, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name, kwargs = getattr(func, "__name__", ""), kwargs or {}
+        if name == "scaled_dot_product_attention":  # q, k, v, out and an fp32 logsumexp kept, no attention matrix
+            assert kwargs.get("attn_mask") is None and not kwargs.get("is_causal") and not kwargs.get("dropout_p")
+            cuda = args[0].is_cuda  # CUDA's kernel also keeps a 24-byte random state
+            flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention" + ("" if cuda else "_for_cpu"))
+            return flash(*args[:3])[0]
+        if self.autocast and (name in LOWER or name in FP32):
+            dtype = torch.bfloat16 if name in LOWER else torch.float32
+            args, kwargs = tree_map(lambda a: self.cast(a, dtype), (args, kwargs))
+        return func(*args, **kwargs)
+
+    def cast(self, a, dtype: torch.dtype):
+        """``a`` in ``dtype`` where autocast casts it (floating, not double); trainable leaves to bf16 once, cached."""
+        if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.dtype in (dtype, torch.float64):
+            return a
+        if not (a.is_leaf and a.requires_grad and dtype == torch.bfloat16):
+            return a.to(dtype)
+        if id(a) not in self.cache:
+            self.cache[id(a)] = a.to(dtype)
+        return self.cache[id(a)]
+
+
+class SavedBytes:
+    """Bytes autograd keeps for backward, each storage once, weights excluded; ``units``: what each block keeps."""
+
+    def __init__(self, *modules: torch.nn.Module):
+        self.exclude = {t.untyped_storage()._cdata for m in modules for t in [*m.parameters(), *m.buffers()]}
+        self.storages, self.units, self.unit, self.kept = {}, [0], None, []
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in self.exclude:
+            for found in (self.storages, self.unit if self.unit is not None else {}):
+                found[storage._cdata] = storage.nbytes()
+        self.kept.append(tensor)  # alive until counted, so that no storage address is reused
+        return tensor
+
+    def run_unit(self, module, *args):
+        """A gradient-checkpointing function that does not checkpoint but records what the block keeps."""
+        self.unit = {}
+        out = module(*args)
+        self.units.append(sum(self.unit.values()))
+        self.unit = None
+        return out
+
+
+def non_reentrant_checkpoint(function, *args, use_reentrant=None, **kwargs):
+    """torch's checkpoint, refusing the reentrant variant (what it keeps would escape the hooks)."""
+    assert use_reentrant is False, "diffusers must call the non-reentrant checkpoint"
+    return CHECKPOINT(function, *args, use_reentrant=False, **kwargs)
+
+
+def build_unet(config: dict, device: str = "meta", factory=None, rank: int = RANK) -> torch.nn.Module:
+    """The UNet in bf16 with the toolkit's student LoRA (fp32, as cast_training_params leaves it)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        unet = factory() if factory else UNet2DConditionModel(**config)
+        unet.to(torch.bfloat16)
+        for p in add_lora(unet, UNET_LORA_TARGETS, rank=rank):
+            p.data = p.data.float()
+    return unet
+
+
+def inputs(unet, rows: int, device: str) -> tuple:
+    """(latents, timesteps, UNet keyword arguments) for ``rows`` samples, in bf16 as the Denoiser passes them."""
+    g, c = torch.Generator().manual_seed(0), unet.config
+    make = lambda *shape: torch.randn(*shape, generator=g).to(device, torch.bfloat16)  # noqa: E731
+    kwargs = {"encoder_hidden_states": make(rows, 77, c.cross_attention_dim)}
+    if c.addition_embed_type == "text_time":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": make(rows, pooled), "time_ids": make(rows, 6)}
+    return make(rows, c.in_channels, c.sample_size, c.sample_size), torch.full((rows,), 999, device=device), kwargs
+
+
+def measure(unet, rows: int, part: str = "unet", ckpt: str = "record", adapter: bool = True, train: bool = True,
+            input_grad: bool = False, autocast: bool = True, head=None) -> tuple[int, int]:
+    """(bytes kept for backward, largest block's) of one forward of the UNet or its encoder half (into ``head``)."""
+    device = next(unet.parameters()).device.type
+    x, t, kwargs = inputs(unet, rows, device)
+    x.requires_grad_(input_grad)
+    unet.enable_adapters() if adapter else unet.disable_adapters()
+    for name, p in unet.named_parameters():
+        p.requires_grad_(train and "lora_" in name)
+    saved = SavedBytes(unet, *([head] if head else []))
+    unet.disable_gradient_checkpointing()
+    if ckpt != "off":  # "on": as the trainer enables it; "record": off, recording what each block keeps
+        unet.enable_gradient_checkpointing(None if ckpt == "on" else saved.run_unit)
+    torch.utils.checkpoint.checkpoint = non_reentrant_checkpoint
+    hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t)
+    try:
+        with hooks, GpuKernels(autocast and device != "cuda"):  # fake CUDA tensors: torch's own autocast
+            if part == "unet":
+                unet(x, t, **kwargs)
+            else:  # as the discriminators run it: down and mid blocks, no checkpointing
+                features = unet_encoder_features(unet, x, t, **kwargs)
+                if head is not None:
+                    head(features if isinstance(head, DiscriminatorHeads) else features[-1])
+    finally:
+        torch.utils.checkpoint.checkpoint = CHECKPOINT
+    return sum(saved.storages.values()), max(saved.units)
+
+
+def curve(f):
+    """``f`` measured at 1 and 2 rows, extended linearly (kept bytes are a + b x rows)."""
+    one, two = f(1), f(2)
+    return lambda rows: tuple(a + (rows - 1) * (b - a) for a, b in zip(one, two))
+
+
+def count(module: torch.nn.Module, only=lambda name: True) -> int:
+    """The exact number of parameters (of those whose name passes ``only``)."""
+    return sum(p.numel() for n, p in module.named_parameters() if only(n))
+
+
+def family(unet_config: dict, encoders: list[dict], vae_fp32: bool) -> dict:
+    """Parameter counts, frozen weight bytes and activation curves of one teacher family, on the meta device."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = build_unet(unet_config)
+    with torch.device("meta"):
+        vae = AutoencoderKL(**VAE)
+        texts = [(CLIPTextModelWithProjection if i else CLIPTextModel)(CLIPTextConfig(**cfg))
+                 for i, cfg in enumerate(encoders)]
+        heads = DiscriminatorHeads.from_unet_config(unet.config)
+        classifier = BottleneckClassifier.from_unet_config(unet.config, unet.config.sample_size)
+    n = {"UNet": count(unet, lambda k: "lora_" not in k), "lora": count(unet, lambda k: "lora_" in k),
+         "encoder lora": count(unet, lambda k: "lora_" in k and k.startswith(("down_blocks.", "mid_block."))),
+         "VAE": count(vae), "text encoders": sum(map(count, texts)), "heads": count(heads),
+         "classifier": count(classifier)}
+    weights = {"UNet": 2 * n["UNet"], "VAE": (4 if vae_fp32 else 2) * n["VAE"], "text encoders": 2 * n["text encoders"]}
+    frozen = dict(part="encoder", train=False, input_grad=True)
+    curves = {"unet on": curve(lambda r: measure(unet, r, ckpt="on")), "unet off": curve(lambda r: measure(unet, r)),
+              "teacher encoder": curve(lambda r: measure(unet, r, **frozen, adapter=False, autocast=False)),
+              "frozen encoder": curve(lambda r: measure(unet, r, **frozen)),
+              "plain frozen encoder": curve(lambda r: measure(unet, r, **frozen, autocast=False)),
+              "trained encoder": curve(lambda r: measure(unet, r, part="encoder")),
+              "heads": curve(lambda r: measure(unet, r, part="encoder", train=False, head=heads)),
+              "classifier": curve(lambda r: measure(unet, r, part="encoder", train=False, head=classifier))}
+    return {"counts": n, "weights": weights, "curves": curves}
+
+
+def activations(fam: dict, graphs, nograd_rows: int, batch: int, ckpt: bool) -> int:
+    """Bytes the graphs keep at ``batch``, plus one block's transient (recomputed, or live in a no-gradient call)."""
+    c, total, rows = fam["curves"], 0, nograd_rows
+    for name, k in graphs:
+        if name == "unet":
+            total += c["unet on" if ckpt else "unet off"](k * batch)[0]
+            rows = max(rows, k if ckpt else 0)
+        else:
+            total += c[name](k * batch)[0]
+    return total + c["unet off"](rows * batch)[1]
+
+
+def fake_cuda(unet: torch.nn.Module):
+    """(``unet`` with fake CUDA weights, without data, so that torch's CUDA autocast runs on it; the fake mode)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        for m in unet.modules():
+            for store in (m._parameters, m._buffers):
+                for k, v in store.items():
+                    if v is not None:
+                        new = torch.empty_like(v, device="cuda")
+                        store[k] = torch.nn.Parameter(new, v.requires_grad) if store is m._parameters else new
+    return unet, mode
+
+
+def tiny_check() -> list[str]:
+    """The accounting on the tiny SD teacher: real CPU tensors, meta, and fake CUDA tensors under torch's autocast."""
+    from distill.testing import tiny_unet
+
+    make = lambda: tiny_unet(sdxl=False, cross_attention_dim=32, seed=0)  # noqa: E731
+    cpu, meta = build_unet({}, "cpu", make, rank=8), build_unet({}, "meta", make, rank=8)
+    cuda, mode = fake_cuda(build_unet({}, "meta", make, rank=8))
+    cases = {"UNet, checkpointing on": dict(ckpt="on"), "UNet, checkpointing off": dict(ckpt="off"),
+             "largest block, checkpointing off": {}, "encoder half, trained LoRA": dict(part="encoder"),
+             "encoder half, teacher, no autocast": dict(part="encoder", train=False, input_grad=True, adapter=False,
+                                                        autocast=False)}
+    lines = ["| kept for backward, batch 2 (bytes) | real CPU tensors | meta | fake CUDA, torch's autocast |",
+             "|---|---|---|---|"]
+    for name, kwargs in cases.items():
+        with mode:  # torch's own CUDA autocast, switched on without a GPU
+            torch.set_autocast_dtype("cuda", torch.bfloat16)
+            torch.set_autocast_enabled("cuda", kwargs.get("autocast", True))
+            on_cuda = measure(cuda, 2, **kwargs)
+            torch.set_autocast_enabled("cuda", False), torch.clear_autocast_cache()
+        real, fake = measure(cpu, 2, **kwargs), measure(meta, 2, **kwargs)
+        real, fake, on_cuda = (x[1 if name.startswith("largest") else 0] for x in (real, fake, on_cuda))
+        assert real == fake or "no autocast" in name, f"meta and CPU disagree on {name}: {fake} != {real}"
+        lines.append(f"| {name} | {real:,} | {fake:,} | {on_cuda:,} |")
+    return lines
+
+
+def method_gib(f: dict, groups, graphs, nograd: int, ckpt: bool) -> list[str]:
+    """GiB of: frozen weights, trainable + grads + AdamW, activations, total (batch 1), activations per extra sample."""
+    weights, trainable = sum(f["weights"].values()), 16 * sum(f["counts"][g] for g in groups)
+    one, two = (activations(f, graphs, nograd, b, ckpt) for b in (1, 2))
+    values = (weights, trainable, one, weights + trainable + one, two - one)
+    return [f"{x / GIB:.{2 if i == 4 else 1}f}" for i, x in enumerate(values)]
+
+
+def tables(families: dict) -> list[str]:
+    """Markdown: exact parameter counts, per-method GiB with gradient checkpointing on, then off."""
+    out = ["| parameters (bytes as loaded) | " + " | ".join(families) + " |", "|---|---|---|"]
+    for key in next(iter(families.values()))["counts"]:
+        out.append(f"| {LABELS.get(key, key)} | " + " | ".join(f"{f['counts'][key]:,}" + (
+            f" ({f['weights'][key] / GIB:.2f} GiB)" if key in f["weights"] else "") for f in families.values()) + " |")
+    for name, f in families.items():
+        out += ["", f"{name}, batch 1 per GPU, gradient checkpointing on (GiB):", "",
+                "| method | frozen weights | trainable + grads + AdamW | activations | total | + per extra sample |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {m} | " + " | ".join(method_gib(f, *spec, True)) + " |" for m, spec in METHODS.items()]
+    out += ["", "Not included above (an assumption, not derived): the CUDA context, about 1 GiB per process, and the "
+            "caching allocator's fragmentation, some 10 %: plan for total x 1.1 + 1 GiB.", "",
+            "Gradient checkpointing off, batch 1 per GPU (GiB; weights and trainable as above):", "",
+            "| method | " + " | ".join(f"{n}: activations | total | + per extra sample" for n in families) + " |",
+            "|---|" + "---|" * 3 * len(families)]
+    for m, spec in METHODS.items():
+        cells = [cell for f in families.values() for cell in method_gib(f, *spec, False)[2:]]
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", help="markdown file whose generated section is replaced (created if missing)")
+    args = parser.parse_args()
+    diffusers.utils.logging.set_verbosity_error()  # its note on casting a UNet with .to(), 5 times over
+    families = {"SD1.5 512 px": family(SD15_UNET, [CLIP_L], SD.vae_fp32),
+                "SDXL 1024 px": family(SDXL_UNET, [CLIP_L, CLIP_BIGG], SDXL.vae_fp32)}
+    text = "\n".join(tables(families) + ["", "The meta path against real tensors (tiny SD teacher, LoRA rank 8):", ""]
+                     + tiny_check())
+    print(text)
+    if args.out:
+        path, begin, end = Path(args.out), "<!-- generated by benchmarks/gpu_memory.py -->", "<!-- end generated -->"
+        old = path.read_text() if path.exists() else f"{begin}\n{end}\n"
+        path.write_text(re.sub(f"{begin}.*{end}", lambda _: f"{begin}\n{text}\n{end}", old, flags=re.S))
+
+
+if __name__ == "__main__":
+    main()
