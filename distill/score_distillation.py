@@ -97,9 +97,14 @@ def real_score(net: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, un
 
     The standard form of diffusers' pipelines and of SwiftBrush's and DMD2's code; w = 1 is the conditional score.
     """
-    w = torch.full((x_t.shape[0],), guidance_scale - 1.0, device=x_t.device)
     with net.as_teacher() as teacher:
-        return cfg_teacher_prediction(teacher, x_t, t, cond, uncond, w)
+        return cfg_teacher_prediction(teacher, x_t, t, cond, uncond, lcm_form_weight(guidance_scale, x_t))
+
+
+def lcm_form_weight(guidance_scale: float, like: torch.Tensor) -> torch.Tensor:
+    """w = guidance_scale - 1 per row of ``like``: the standard CFG scale in LCM's (1 + w) cond - w uncond form
+    (``solvers.guided``)."""
+    return torch.full((like.shape[0],), guidance_scale - 1.0, device=like.device)
 
 
 def vsd_weight(schedule: NoiseSchedule, t: torch.Tensor, x0: torch.Tensor, x0_real: torch.Tensor,
@@ -131,7 +136,7 @@ def real_and_fake_scores(fake_score: Denoiser, x_t: torch.Tensor, t: torch.Tenso
     with adapters_by_row(view.unet, [None] * (2 * n) + [view.adapter] * n):
         x0, eps = fake_score(torch.cat([x_t] * 3), torch.cat([t] * 3), Cond.cat([cond, uncond, cond]))
     (x0_cond, x0_uncond, _), (eps_cond, eps_uncond, eps_fake) = x0.chunk(3), eps.chunk(3)
-    w = torch.full((n,), guidance_scale - 1.0, device=x_t.device)
+    w = lcm_form_weight(guidance_scale, x_t)
     return guided(x0_cond, x0_uncond, w), guided(eps_cond, eps_uncond, w), eps_fake
 
 
