@@ -15,6 +15,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from .errors import DistillError
 
@@ -108,8 +109,10 @@ def _disk_is_full(error: BaseException, folder: Path) -> bool:
         return False
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, total_limit: int | None) -> Path:
-    """Write checkpoint-``step`` atomically; called by every process (DeepSpeed and FSDP save collectively).
+def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, total_limit: int | None,
+                    write_shards: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint-``step`` atomically; called by every process (DeepSpeed and sharded runs save collectively:
+    ``write_shards(folder)`` writes each process's shards into the checkpoint folder).
 
     A write that fails on any process (a full disk, a read-only folder) stops every process together with one
     message that names the intact checkpoint to resume from; the half-written folder is removed.
@@ -124,6 +127,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, total
     failure: BaseException | None = None
     try:
         accelerator.save_state(str(partial))
+        if write_shards is not None:
+            write_shards(partial)
         if accelerator.is_main_process:
             (partial / STATE_FILE).write_text(json.dumps(state))
     except Exception as error:  # noqa: BLE001 - torch.save reports a full disk as a RuntimeError, safetensors as its own

@@ -15,7 +15,6 @@ import math
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .denoiser import network_dtype, using_adapter
 
@@ -69,21 +68,34 @@ def capture_bottleneck(unet: nn.Module):
 
 @contextlib.contextmanager
 def frozen_parameters(module: nn.Module):
-    """Inside the block no parameter of ``module`` records gradients (the graph built there reaches only inputs)."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
+    """Inside the block no parameter of ``module`` records gradients (the graph built there reaches only inputs).
+
+    Each submodule's weights are frozen as it runs (a forward pre-hook): under sharding (FSDP2) the weights a module
+    computes with are gathered just before it runs and are other tensors than those ``parameters()`` lists between
+    calls. Freezing is undone when the block ends; gradients then still flow to ``module``'s inputs.
+    """
+    frozen: list[nn.Parameter] = []
+
+    def freeze(submodule: nn.Module, args) -> None:
+        for p in submodule._parameters.values():
+            if p is not None and p.requires_grad:
+                p.requires_grad_(False)
+                frozen.append(p)
+
+    handles = [m.register_forward_pre_hook(freeze) for m in module.modules() if m._parameters]
     try:
         yield module
     finally:
-        for p in trainable:
+        for handle in handles:
+            handle.remove()
+        for p in frozen:
             p.requires_grad_(True)
 
 
 def frozen_call(module: nn.Module, *args):
-    """``module(*args)`` with its weights detached: a loss through it reaches the inputs, never the weights."""
-    params = {name: p.detach() for name, p in module.named_parameters()}
-    return functional_call(module, params, args)
+    """``module(*args)`` with its weights frozen: a loss through it reaches the inputs, never the weights."""
+    with frozen_parameters(module):
+        return module(*args)
 
 
 @contextlib.contextmanager

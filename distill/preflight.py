@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .checkpoints import PARTIAL_SUFFIX, STATE_FILE, check_output_dir, read_state, resume_checkpoint
+from .sharding import check_sharding_flags, requested_sharding
 from .teacher import TeacherInfo, inspect_teacher, native_resolution
 from .data import ImageDataConfig, build_training_set
 from .errors import DistillError
@@ -110,6 +111,7 @@ def check_inputs(method_cls, method_config, data_config: ImageDataConfig, cfg: T
     _check_resume_flag(cfg.resume_from_checkpoint)
     check_output_dir(Path(cfg.output_dir))
     resume_path = resume_checkpoint(cfg.resume_from_checkpoint, Path(cfg.output_dir))
+    check_sharding_flags(cfg, requested_sharding(), method_config, resume_path)
     seed, drawn = run_seed(cfg.seed, resume_path)
     data_config = dataclasses.replace(data_config, resolution=resolution, seed=seed)
     dataset, collate = build_training_set(method_cls.data_kind_for(method_config), data_config, info)

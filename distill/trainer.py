@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -23,6 +24,8 @@ from .methods import Method, Teacher, get_method
 from .optimizers import build_optimizers
 from .preflight import Inputs, check_inputs
 from .run_plan import RunPlan, StepPlan, plan_run
+from .sharding import (SHARDED_STATE, ShardedNetworks, accelerate_without_fsdp, ensure_process_group,
+                       requested_sharding)
 from .stop_signals import TrainingStopped, stop_signals_handled
 from .teacher import LoadedTeacher, load_teacher
 from .train_config import EXPORT_FORMATS, TrainConfig
@@ -53,15 +56,14 @@ def check_distributed_setup(accelerator, method_name: str, method: Method | None
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if accelerator.distributed_type == DistributedType.FSDP or (
             deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3):
-        kind = "FSDP" if not deepspeed else "DeepSpeed ZeRO-3"
-        raise DistillError(f"{kind} shards the weights across processes, but validation and export read the whole "
-                           "student on the main process. Launch with DDP (docs/accelerate_configs/multi_gpu.yaml) "
-                           "or DeepSpeed ZeRO-2 (docs/accelerate_configs/deepspeed_zero2.yaml); see "
+        raise DistillError("DeepSpeed ZeRO-3 is not supported: to shard the weights, launch with FSDP2 "
+                           "(docs/accelerate_configs/fsdp.yaml), which shards every network of every method; see "
                            "docs/distributed.md.")
     if deepspeed and method is not None and len(method.nets) > 1:
         raise DistillError(f"The {method_name} method trains {len(method.nets)} networks "
                            f"({', '.join(method.nets)}), and accelerate's DeepSpeed integration wraps one model "
-                           "per run. Launch with DDP instead (docs/accelerate_configs/multi_gpu.yaml).")
+                           "per run. Launch with FSDP2 (docs/accelerate_configs/fsdp.yaml) or DDP "
+                           "(docs/accelerate_configs/multi_gpu.yaml) instead.")
 
 
 def started_as_module() -> bool:
@@ -120,6 +122,7 @@ class Trainer:
         # 1. Every user error that flags, files and configs reveal, before any model loads.
         inputs = check_inputs(self.method_cls, self.method_config, self.data_config, cfg)
         # 2. Processes, output folder, and the resolved plan (seed, resolution, resume point: checked against it).
+        self.sharding = requested_sharding()
         accelerator = self.accelerator = self._accelerator()
         check_distributed_setup(accelerator, name)
         self._prepare_output_dir()
@@ -135,6 +138,7 @@ class Trainer:
         teacher = self.teacher = load_teacher(inputs.info, plan.resolution, plan.weight_dtype, accelerator.device,
                                               cfg.pretrained_vae_model_name_or_path, cfg.teacher_revision)
         method, groups = self._build_method(teacher)
+        self.sharded = self._shard(method, groups) if self.sharding else None
         # 4. Data, step counts, optimizers; everything through accelerate.
         encoder = BatchEncoder(teacher.vae, teacher.conditioner, cfg.proportion_empty_prompts, cfg.vae_encode_batch_size)
         train_set, loader = self._data(inputs, encoder, plan)
@@ -149,9 +153,9 @@ class Trainer:
         logger.info("%d examples, %d steps, total batch %d", len(train_set), steps.max_steps, steps.total_batch)
         self._train(loader, train_set, encoder, groups, optimizers, schedulers, steps, global_step)
         accelerator.wait_for_everyone()
+        student = self._student_unet()
         if accelerator.is_main_process:
-            export_student(self.output_dir, method, accelerator.unwrap_model(method.student_unet()), teacher, cfg,
-                           plan)
+            export_student(self.output_dir, method, student, teacher, cfg, plan)
         accelerator.end_training()
         return self.output_dir
 
@@ -163,13 +167,18 @@ class Trainer:
         cfg = self.config
         project = ProjectConfiguration(project_dir=str(self.output_dir),
                                        logging_dir=str(self.output_dir / cfg.logging_dir))
-        return Accelerator(
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            mixed_precision=cfg.mixed_precision,
-            log_with=None if cfg.report_to in (None, "", "none") else cfg.report_to,
-            project_config=project,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        )
+        # Sharded runs: accelerate launches plain data-parallel processes and the trainer shards (distill/sharding.py).
+        with accelerate_without_fsdp() if self.sharding else contextlib.nullcontext():
+            accelerator = Accelerator(
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                mixed_precision=cfg.mixed_precision,
+                log_with=None if cfg.report_to in (None, "", "none") else cfg.report_to,
+                project_config=project,
+                dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            )
+        if self.sharding:
+            ensure_process_group(accelerator.device)
+        return accelerator
 
     def _prepare_output_dir(self) -> None:
         """Create the output folder and remove what a run killed while checkpointing left (main process)."""
@@ -196,6 +205,16 @@ class Trainer:
             teacher.network.compile_repeated_blocks()
         return method, groups
 
+    def _shard(self, method: Method, groups: dict) -> ShardedNetworks:
+        """Shard every network of ``method`` across the processes (FSDP2) and point ``groups`` at the shards."""
+        dtype = {"bf16": torch.bfloat16}.get(self.config.mixed_precision)
+        sharded = ShardedNetworks(method.nets, self.sharding, dtype)
+        for name in groups:
+            groups[name] = sharded.live(groups[name])
+        logger.info("Sharded %d network(s) over %d process(es) with FSDP2: %s", len(sharded.roots),
+                    self.accelerator.num_processes, ", ".join(type(root).__name__ for root in sharded.roots))
+        return sharded
+
     def _data(self, inputs: Inputs, encoder: BatchEncoder, plan: RunPlan):
         """(training set, data loader): the dataset, or its VAE/text-encoder cache with --cache_latents."""
         cfg, accelerator = self.config, self.accelerator
@@ -221,6 +240,8 @@ class Trainer:
     def _prepare(self, method: Method, optimizers: dict, schedulers: dict, loader):
         """Wrap networks, optimizers, schedulers and loader for the launch; register what checkpoints hold."""
         accelerator = self.accelerator
+        if self.sharded is not None:
+            return self._prepare_sharded(method, optimizers, schedulers, loader)
         names = list(method.nets)
         prepared = accelerator.prepare(*method.nets.values(), *optimizers.values(), *schedulers.values(), loader)
         method.nets = dict(zip(names, prepared[: len(names)]))
@@ -237,11 +258,34 @@ class Trainer:
             accelerator.register_for_checkpointing(state)
         return optimizers, schedulers, prepared[-1]
 
+    def _prepare_sharded(self, method: Method, optimizers: dict, schedulers: dict, loader):
+        """The sharded networks stay as they are (no DDP); optimizers and schedulers get accelerate's wrappers, which
+        skip the steps inside an accumulation window, but not its checkpointing: the optimizer states are sharded and
+        written by ``ShardedNetworks.save``. The schedulers are saved as registered objects."""
+        from accelerate.optimizer import AcceleratedOptimizer
+        from accelerate.scheduler import AcceleratedScheduler
+
+        accelerator = self.accelerator
+        optimizers = {name: AcceleratedOptimizer(opt, device_placement=False) for name, opt in optimizers.items()}
+        schedulers = {name: AcceleratedScheduler(scheduler, optimizers[name],
+                                                 step_with_optimizer=accelerator.step_scheduler_with_optimizer,
+                                                 split_batches=accelerator.split_batches)
+                      for name, scheduler in schedulers.items()}
+        self.optimizers = optimizers
+        for state in [*schedulers.values(), *method.checkpoint_objects()]:
+            accelerator.register_for_checkpointing(state)
+        return optimizers, schedulers, accelerator.prepare(loader)
+
+    def _bare_optimizers(self) -> list:
+        return [opt.optimizer for opt in self.optimizers.values()]
+
     def _resume(self, plan: RunPlan) -> int:
         """Load the planned checkpoint (weights, optimizers, schedulers, sampler) and return its global step."""
         if plan.resume_path is None:
             return 0
         self.accelerator.load_state(str(plan.resume_path))
+        if self.sharded is not None:
+            self.sharded.load(plan.resume_path / SHARDED_STATE, self._bare_optimizers())
         # Checkpoints are written between optimizer steps: a new accumulation window starts, whatever the window
         # length of the run that wrote it (load_state restores that run's micro-batch count).
         self.accelerator.step = 0
@@ -310,7 +354,7 @@ class Trainer:
         if saved:
             self._save_checkpoint(step)
         self._stop_if_signalled(step, saved)
-        if cfg.validation_steps and step % cfg.validation_steps == 0 and self.accelerator.is_main_process:
+        if cfg.validation_steps and step % cfg.validation_steps == 0:
             self._validate(step)
 
     def _seed_micro_batch(self, step: int, micro: int) -> None:
@@ -343,8 +387,12 @@ class Trainer:
     def _save_checkpoint(self, step: int) -> None:
         """checkpoint-``step`` (every process calls it), recording the step, the seed and the run's identity."""
         state = {"global_step": step, "seed": self.plan.seed, "identity": self.plan.identity}
+        if self.sharded is not None:
+            state["sharded_processes"] = self.accelerator.num_processes
+        write_shards = None if self.sharded is None else (
+            lambda folder: self.sharded.save(folder / SHARDED_STATE, self._bare_optimizers()))
         self.stop.last_checkpoint = save_checkpoint(self.accelerator, self.output_dir, step, state,
-                                                    self.config.checkpoints_total_limit)
+                                                    self.config.checkpoints_total_limit, write_shards)
 
     def _stop_if_signalled(self, step: int, saved: bool) -> None:
         """After an optimizer step: if any process got SIGTERM/SIGINT, checkpoint (unless just done) and stop."""
@@ -368,11 +416,28 @@ class Trainer:
             print(stopped, file=sys.stderr, flush=True)
         raise stopped
 
-    def _validate(self, step: int) -> Path:
-        """A grid of validation images at 1 step and at the method's default step count."""
+    def _student_unet(self) -> torch.nn.Module | None:
+        """The student's UNet to validate and export (every process calls it; the main process gets the UNet): a
+        sharded run gathers a full copy, with only the student's adapter on."""
+        if self.sharded is None:
+            main = self.accelerator.is_main_process
+            return self.accelerator.unwrap_model(self.method.student_unet()) if main else None
+        from .denoiser import AdapterView
+
+        net = self.method.nets["unet"]
+        root = net.unet if isinstance(net, AdapterView) else net
+        plain = self.sharded.gathered(root, self.accelerator.device)
+        if plain is None or not isinstance(net, AdapterView):
+            return plain
+        return AdapterView(plain, net.adapter).activated()
+
+    def _validate(self, step: int) -> Path | None:
+        """A grid of validation images at 1 step and at the method's default step count (on the main process)."""
+        unet = self._student_unet()
+        if not self.accelerator.is_main_process:
+            return None
         sampling = self.method.export_defaults()
         teacher = self.teacher
-        unet = self.accelerator.unwrap_model(self.method.student_unet())
         pipe = student_pipeline(teacher.info, unet, teacher.vae, teacher.conditioner,
                                 student_scheduler(teacher.scheduler_config, sampling))
         grid = validation_grid(pipe, self.config.validation_prompts, sampling.num_inference_steps,

@@ -280,26 +280,25 @@ def test_backward_simulation_trains_each_step_on_the_generators_own_input(sdxl_t
     abar = ddpm_alphas_cumprod(sdxl_teacher)
     shape = (2, *LATENT_SHAPE)
 
-    seeds = {}  # replay the method's draws (noise, then k) to find a seed for each chain step
-    for seed in range(200):
-        torch.manual_seed(seed)
-        torch.randn(shape)
-        seeds.setdefault(int(torch.randint(0, 4, (1,))), seed)
-        if len(seeds) == 4:
+    steps = {}  # an optimizer step for each chain step
+    for step in range(200):
+        steps.setdefault(method.simulated_chain_step(step), step)
+        if len(steps) == 4:
             break
-    assert sorted(seeds) == [0, 1, 2, 3]
+    assert sorted(steps) == [0, 1, 2, 3]
+    assert method.simulated_chain_step(steps[2]) == 2  # a function of the step alone
 
     def generate(x, t):
         return method.generate(x, t, batch.cond)
 
-    for k, seed in sorted(seeds.items()):
+    for k, step in sorted(steps.items()):
+        seed = 10 + k
         torch.manual_seed(seed)
-        x_t, t = method.generator_inputs(batch, "cpu")
+        x_t, t = method.generator_inputs(batch, "cpu", step)
         assert t.tolist() == [chain[k]] * 2, k
 
         torch.manual_seed(seed)
         noise = torch.randn(shape)
-        assert int(torch.randint(0, 4, (1,))) == k
         after_draws = torch.get_rng_state()
         with torch.no_grad():
             x = noise

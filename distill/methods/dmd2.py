@@ -217,9 +217,14 @@ class DMD2(Method):
         x0, _ = self.denoiser()(x_t, t, cond)
         return x0
 
-    def generator_inputs(self, batch: LatentBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def simulated_chain_step(self, step: int) -> int:
+        """k ~ U{0..K-1} for backward simulation, one per optimizer step: the same on every process and micro-batch
+        (the reference broadcasts it), so sharded processes run the same number of generator calls."""
+        return int(torch.randint(0, len(self.timesteps), (1,), generator=torch.Generator().manual_seed(step)))
+
+    def generator_inputs(self, batch: LatentBatch, device, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, t): where the generator is trained this step. K = 1: pure noise at T-1. K > 1 with backward
-        simulation: one chain step k ~ U{0..K-1} per micro-batch, its input made by the current generator (sec. 4.5);
+        simulation: chain step k (``simulated_chain_step``), its input made by the current generator (sec. 4.5);
         without: dataset latents noised to t_k, k per sample, pure noise at T-1 (the reference's --denoising)."""
         shape = (batch.batch_size, *self.teacher.latent_shape)
         noise = torch.randn(shape, device=device)
@@ -227,7 +232,7 @@ class DMD2(Method):
         if len(chain) == 1:
             return noise, chain.expand(shape[0])
         if self.config.backward_simulation:
-            k = int(torch.randint(0, len(chain), (1,)))
+            k = self.simulated_chain_step(step)
             x_t = sampler_input(lambda x, t: self.generate(x, t, batch.cond), noise, chain, self.teacher.schedule, k)
             return x_t, chain[k].expand(shape[0])
         t = chain[torch.randint(0, len(chain), (shape[0],), device=device)]
@@ -313,7 +318,7 @@ class DMD2(Method):
     def loss(self, batch: LatentBatch, step: int) -> dict[str, torch.Tensor]:
         device = batch.cond.prompt_embeds.device
         # The generator's sample from where it is trained (with gradients on its update steps only).
-        x_t, t = self.generator_inputs(batch, device)
+        x_t, t = self.generator_inputs(batch, device, step)
         losses = {}
         if self.generator_steps(step):
             losses["unet"], x0 = self.generator_loss(batch, x_t, t)

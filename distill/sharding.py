@@ -1,0 +1,225 @@
+"""Sharded training: every trainable network, and the frozen network it shares, split across processes with FSDP2.
+
+The trainer applies torch's ``fully_shard`` (FSDP2; Zhao et al. 2023, "PyTorch FSDP") itself, with accelerate only
+launching the processes: the same code then runs on GPUs and in the CPU tests (accelerate does not engage its FSDP
+plugin on a CPU). A run asks for it with an accelerate config of ``distributed_type: FSDP`` and ``fsdp_version: 2``
+(``docs/accelerate_configs/fsdp.yaml``); see ``docs/distributed.md``.
+
+* Units: every element of a network's ModuleList children (a UNet's down and up blocks, a transformer's blocks) and
+  every other direct child holding weights is all-gathered on its own, so a network's root holds no weight, and code
+  that calls a child directly (the discriminators' encoder half) finds that child's weights gathered.
+* A UNet shared by several LoRA adapters (student, fake score, discriminator backbone) is sharded once.
+* Checkpoints: trainable weights and optimizer states are written by every process with ``torch.distributed.checkpoint``
+  (one file per process), which reshards on load: a checkpoint resumes with any process count.
+* Validation and export read a full copy of the student gathered on the main process (collective).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .denoiser import AdapterView
+from .errors import DistillError
+
+FSDP_ENV = "ACCELERATE_USE_FSDP"  # what `accelerate launch` exports for an FSDP config
+SHARDED_STATE = "sharded_state"  # the folder of a checkpoint holding the sharded weights and optimizer states
+FSDP_CONFIG = "docs/accelerate_configs/fsdp.yaml"
+
+
+@dataclass(frozen=True)
+class ShardingSettings:
+    """The FSDP settings of the launch that the trainer applies (from accelerate's FSDP config)."""
+
+    reshard_after_forward: bool = True  # free the gathered weights after each unit's forward (FULL_SHARD)
+
+
+def _flag(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip().lower()
+
+
+def requested_sharding() -> ShardingSettings | None:
+    """The sharding an ``accelerate launch`` with an FSDP config asked for, or None; refuses what is not supported."""
+    if _flag(FSDP_ENV, "false") != "true":
+        return None
+    if _flag("FSDP_VERSION", "1") != "2":
+        raise DistillError(f"The accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; the "
+                           f"trainer shards with FSDP2: set fsdp_version: 2 (see {FSDP_CONFIG}).")
+    if _flag("FSDP_OFFLOAD_PARAMS", "false") == "true":
+        raise DistillError("fsdp_offload_params: true is not supported by the sharded trainer; set it to false (more "
+                           "processes shard the weights further).")
+    reshard = _flag("FSDP_RESHARD_AFTER_FORWARD", "true") not in ("false", "shard_grad_op", "2")
+    return ShardingSettings(reshard_after_forward=reshard)
+
+
+@contextlib.contextmanager
+def accelerate_without_fsdp():
+    """While the Accelerator is built, hide the FSDP config from accelerate: its processes start as plain data-parallel
+    ones, as they do on a CPU, and the trainer shards the networks itself (one code path on GPUs and CPUs)."""
+    saved = os.environ.get(FSDP_ENV)
+    os.environ[FSDP_ENV] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(FSDP_ENV, None)
+        else:
+            os.environ[FSDP_ENV] = saved
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A one-process group where accelerate started none (a single process), for FSDP's device mesh."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def is_sharded_checkpoint(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` was written by a sharded run (its weights in ``sharded_state/``)."""
+    return (Path(checkpoint) / SHARDED_STATE).is_dir()
+
+
+def _has_weights(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def shard_units(root: nn.Module) -> list[nn.Module]:
+    """The modules below ``root`` that are all-gathered one at a time: each element of a ModuleList child, and every
+    other direct child with weights."""
+    units = []
+    for child in root.children():
+        if isinstance(child, nn.ModuleList):
+            units += [block for block in child if _has_weights(block)]
+        elif _has_weights(child):
+            units.append(child)
+    return units
+
+
+def shard_roots(nets: dict[str, nn.Module]) -> list[nn.Module]:
+    """The distinct modules to shard: the UNet behind each ``AdapterView`` (once, however many views share it), every
+    other network, and of a network that holds views (UFOGen's trained discriminator) its other children."""
+    roots: list[nn.Module] = []
+
+    def visit(net: nn.Module) -> None:
+        if isinstance(net, AdapterView):
+            visit(net.unet)
+        elif any(isinstance(m, AdapterView) for m in net.modules()):
+            for child in net.children():
+                visit(child)
+        elif _has_weights(net) and not any(net is root for root in roots):
+            roots.append(net)
+
+    for net in nets.values():
+        visit(net)
+    return roots
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` (adapters, configs, flags) whose weights are on the meta device: the shape to gather into."""
+    memo: dict[int, object] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                               for p in module.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in module.buffers()})
+    return copy.deepcopy(module, memo)
+
+
+class ShardedNetworks:
+    """A method's networks sharded across the processes; maps its parameter lists to the sharded parameters, writes
+    and reads sharded checkpoints, and gathers a full copy of a network for validation and export."""
+
+    def __init__(self, nets: dict[str, nn.Module], settings: ShardingSettings, compute_dtype: torch.dtype | None):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.roots = shard_roots(nets)
+        # One module over every root: the checkpoint's names, and what the optimizers' states are keyed by.
+        self.container = nn.ModuleDict({f"network{i}": root for i, root in enumerate(self.roots)})
+        self._names = {id(p): name for name, p in self.container.named_parameters()}
+        self._skeletons = {id(root): meta_copy(root) for root in self.roots}
+        # Mixed precision: weights gathered and computed in the compute dtype, gradients reduced in float32.
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype,
+                                      reduce_dtype=torch.float32 if compute_dtype is not None else None)
+        for root in self.roots:
+            for unit in shard_units(root):
+                fully_shard(unit, reshard_after_forward=settings.reshard_after_forward, mp_policy=policy)
+            fully_shard(root, reshard_after_forward=settings.reshard_after_forward, mp_policy=policy)
+            # The root must be the first to run; a direct call of one of its units would otherwise claim the role.
+            fully_shard.state(root)._lazy_init()
+        self._live = dict(self.container.named_parameters())
+
+    def live(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """The sharded parameters that took the place of ``params`` (fully_shard registers new ones)."""
+        missing = [p for p in params if id(p) not in self._names]
+        if missing:
+            raise RuntimeError(f"{len(missing)} trainable parameters lie outside the sharded networks.")
+        sharded = [self._live[self._names[id(p)]] for p in params]
+        from torch.distributed.tensor import DTensor
+
+        if not all(isinstance(p, DTensor) for p in sharded):
+            raise RuntimeError("Sharding was asked for, but some trainable parameters were left whole.")
+        return sharded
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _state(self, optimizers: list[torch.optim.Optimizer]) -> dict:
+        """{"model": trainable weights, "optim": optimizer states}, keyed by parameter name, each process its shards."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.container, optimizers)
+        trainable = {name for name, p in self.container.named_parameters() if p.requires_grad}
+        return {"model": {k: v for k, v in model.items() if k in trainable}, "optim": optim}
+
+    def save(self, folder: Path, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Write the trainable weights and optimizer states to ``folder``; every process writes its shards."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(optimizers), checkpoint_id=str(folder))
+
+    def load(self, folder: Path, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Read what ``save`` wrote (by any number of processes) into this run's shards."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = self._state(optimizers)
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.container, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=False))
+
+    # ------------------------------------------------------------------------------------------- full copies
+    def gathered(self, root: nn.Module, device: torch.device) -> nn.Module | None:
+        """Collective: a plain copy of the sharded ``root`` with its full weights on the main process (None on the
+        others), with the adapters it had when sharded; for validation and export."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() != 0:
+            return None
+        plain = copy.deepcopy(self._skeletons[id(root)]).to_empty(device=device)
+        plain.load_state_dict(state)
+        return plain.eval()
+
+
+def check_sharding_flags(cfg, settings: ShardingSettings | None, method_config, resume_path: Path | None) -> None:
+    """Flags the sharded trainer does not take, and a checkpoint written in the other layout, before any work."""
+    if resume_path is not None and is_sharded_checkpoint(resume_path) != (settings is not None):
+        written, now = ("sharded (FSDP)", "without sharding") if settings is None else ("without sharding", "sharded")
+        raise DistillError(f"--resume_from_checkpoint {resume_path} was written {written}, and this run trains {now}: "
+                           "resume it with the launch that wrote it (any process count).")
+    if settings is None:
+        return
+    if cfg.mixed_precision == "fp16":
+        raise DistillError("Sharded training (FSDP) takes --mixed_precision bf16 or no, not fp16 (its loss scaling "
+                           "is not sharded).")
+    if cfg.torch_compile:
+        raise DistillError("--torch_compile is not supported with sharded training (FSDP) yet; drop one of them.")
+    if getattr(method_config, "use_ema", False):
+        raise DistillError("--use_ema is not supported with sharded training (FSDP) yet; drop it, or launch with "
+                           "DDP (docs/accelerate_configs/multi_gpu.yaml).")
