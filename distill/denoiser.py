@@ -114,9 +114,15 @@ class AdapterView(torch.nn.Module):
         pipeline fails on a half-precision UNet's latents with the float32 VAE the trainer keeps for SDXL.
         """
         switch_adapter(self.unet, self.adapter)
-        if self.unet.dtype in (torch.float16, torch.bfloat16) and "forward" not in self.unet.__dict__:
-            self.unet.forward = _autocast_forward(self.unet)
-        return self.unet
+        return with_mixed_precision(self.unet)
+
+
+def with_mixed_precision(unet: torch.nn.Module) -> torch.nn.Module:
+    """``unet`` itself, made to run as accelerate's prepared networks do when its weights are in half precision: under
+    autocast, with float32 outputs (for code that calls a bare UNet: validation and export)."""
+    if unet.dtype in (torch.float16, torch.bfloat16) and "forward" not in unet.__dict__:
+        unet.forward = _autocast_forward(unet)
+    return unet
 
 
 def _autocast_forward(unet: torch.nn.Module):

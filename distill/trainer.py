@@ -422,14 +422,14 @@ class Trainer:
         if self.sharded is None:
             main = self.accelerator.is_main_process
             return self.accelerator.unwrap_model(self.method.student_unet()) if main else None
-        from .denoiser import AdapterView
+        from .denoiser import AdapterView, with_mixed_precision
 
         net = self.method.nets["unet"]
         root = net.unet if isinstance(net, AdapterView) else net
         plain = self.sharded.gathered(root, self.accelerator.device)
-        if plain is None or not isinstance(net, AdapterView):
-            return plain
-        return AdapterView(plain, net.adapter).activated()
+        if plain is None:
+            return None
+        return AdapterView(plain, net.adapter).activated() if isinstance(net, AdapterView) else with_mixed_precision(plain)
 
     def _validate(self, step: int) -> Path | None:
         """A grid of validation images at 1 step and at the method's default step count (on the main process)."""

@@ -221,6 +221,6 @@ def test_accelerate_configs_are_valid_for_accelerate_launch():
             assert unknown == [], (name, unknown)
     deepspeed = load_config_from_file(str(CONFIGS / "deepspeed_zero2.yaml")).deepspeed_config
     assert deepspeed["zero_stage"] == 2 and "gradient_accumulation_steps" not in deepspeed
-    assert load_config_from_file(str(CONFIGS / "fsdp.yaml")).fsdp_config["fsdp_use_orig_params"] is True
+    assert load_config_from_file(str(CONFIGS / "fsdp.yaml")).fsdp_config["fsdp_version"] == 2  # what the trainer shards with
     node = load_config_from_file(str(CONFIGS / "multi_node.yaml"))
     assert node.main_process_ip and node.main_process_port
