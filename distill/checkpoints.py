@@ -46,7 +46,8 @@ def damaged_files(checkpoint: Path) -> list[str]:
     """Files of ``checkpoint`` that cannot be read back: truncated safetensors or torch archives, broken JSON.
 
     Cheap: reads safetensors headers (which must cover the whole file), zip directories of torch.save files (at
-    their end, so a truncated file has none) and the JSON files; never the tensors themselves.
+    their end, so a truncated file has none), the JSON files and a sharded state's metadata (whose extents the shard
+    files must cover); never the tensors themselves.
     """
     from safetensors import safe_open
 
@@ -64,6 +65,10 @@ def damaged_files(checkpoint: Path) -> list[str]:
                 json.loads(path.read_text())
         except Exception:  # noqa: BLE001 - any failure to read back means the file is damaged
             damaged.append(str(path.relative_to(checkpoint)))
+    from .sharding import SHARDED_STATE, damaged_shards
+
+    if (checkpoint / SHARDED_STATE).is_dir():
+        damaged += damaged_shards(checkpoint / SHARDED_STATE)
     return damaged
 
 

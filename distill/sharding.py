@@ -89,6 +89,22 @@ def is_sharded_checkpoint(checkpoint: Path) -> bool:
     return (Path(checkpoint) / SHARDED_STATE).is_dir()
 
 
+def damaged_shards(folder: Path) -> list[str]:
+    """Files of a sharded state (``torch.distributed.checkpoint``) that cannot be read back: a metadata file that does
+    not load, or shard files shorter than the extents the metadata records (a truncated write). Reads no tensor."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception:  # noqa: BLE001 - any failure to read the metadata back means it is damaged
+        return [f"{folder.name}/.metadata"]
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    return [f"{folder.name}/{name}" for name, size in sorted(needed.items())
+            if not (folder / name).is_file() or (folder / name).stat().st_size < size]
+
+
 def _has_weights(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 

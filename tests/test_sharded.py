@@ -122,7 +122,8 @@ def runs(sd_teacher, image_folder, tmp_path_factory) -> Runs:
     done["sb_one"] = finish(sb_one, root / "sb-one")
     one_from_two = sharded("lcm_lora.py", root / "lcm-one-from-two", 1, ports[3], *lcm, "--resume_from_checkpoint",
                            root / "lcm-two" / "checkpoint-2")
-    sb_two = sharded("swiftbrush.py", root / "sb-two", 2, ports[4], *sb)
+    # With gradient checkpointing too: recomputing blocks in the backward pass changes nothing.
+    sb_two = sharded("swiftbrush.py", root / "sb-two", 2, ports[4], *sb, "--gradient_checkpointing")
     done["lcm_one_from_two"] = finish(one_from_two, root / "lcm-one-from-two")
     done["sb_two"] = finish(sb_two, root / "sb-two")
     return Runs(root, **done)
@@ -166,7 +167,8 @@ def test_two_sharded_processes_train_what_one_process_trains(runs):
 
 
 def test_a_method_with_two_networks_shards_both_and_trains_what_one_process_trains(runs):
-    """SwiftBrush: the student's and the fake score's adapters on one UNet, two optimizers, both sharded."""
+    """SwiftBrush: the student's and the fake score's adapters on one UNet, two optimizers, both sharded (and the
+    sharded run with --gradient_checkpointing)."""
     assert runs.sb_one.returncode == 0, tail(runs.sb_one)
     assert runs.sb_two.returncode == 0, tail(runs.sb_two)
     assert "Sharded 1 network(s) over 2 process(es)" in runs.sb_two.stderr
@@ -201,6 +203,22 @@ def test_a_sharded_checkpoint_resumes_with_another_process_count(runs):
     assert_equal_up_to_float_noise(load_file(runs.root / "lcm-two" / "pytorch_lora_weights.safetensors"),
                                    load_file(runs.root / "lcm-one-from-two" / "pytorch_lora_weights.safetensors"),
                                    LCM_STEPS - 2)
+
+
+def test_a_truncated_shard_makes_its_checkpoint_damaged(runs, tmp_path):
+    """--resume_from_checkpoint latest skips a sharded checkpoint whose shard file was cut short."""
+    import shutil
+
+    from distill.checkpoints import damaged_files, newest_intact
+
+    assert runs.lcm_two.returncode == 0, tail(runs.lcm_two)
+    for step in (1, 2):
+        shutil.copytree(runs.root / "lcm-two" / f"checkpoint-{step}", tmp_path / f"checkpoint-{step}")
+    assert damaged_files(tmp_path / "checkpoint-2") == []
+    shard = tmp_path / "checkpoint-2" / "sharded_state" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert damaged_files(tmp_path / "checkpoint-2") == ["sharded_state/__1_0.distcp"]
+    assert newest_intact(tmp_path) == tmp_path / "checkpoint-1"
 
 
 FROZEN_SCRIPT = '''
