@@ -310,7 +310,8 @@ def write_section(path: Path, text: str, script: str) -> None:
     old = path.read_text() if path.exists() else ""
     if begin not in old:
         old += f"\n{begin}\n{end}\n"
-    path.write_text(re.sub(f"{re.escape(begin)}.*?{end}", lambda _: f"{begin}\n{text}\n{end}", old, count=1, flags=re.S))
+    section = f"{begin}\n{text}\n{end}"
+    path.write_text(re.sub(f"{re.escape(begin)}.*?{end}", lambda _: section, old, count=1, flags=re.S))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,12 @@ from torch import nn
 
 import gpu_memory as gm
 from distill.discriminator import BottleneckClassifier, DiscriminatorHeads, encoder_modules, feature_channels
-from distill.families import UNET_LORA_TARGETS
+from distill.families import SD, UNET_LORA_TARGETS
+from distill.sharding import shard_units, unit_parameters
 
-GPUS, BUCKET_MIB, STEP_BYTES = (1, 2, 8), 25, 4  # AdamW's step: one fp32 scalar per trainable tensor, not sharded
+UNIT_CLASSES = SD.shard_unit_classes  # SDXL's are the same blocks
+
+GPUS, STEP_BYTES = (1, 2, 8), 4  # AdamW's step: one fp32 scalar per trainable tensor, not sharded
 # (method, student): the second adapter ("fake": the fake score, on a copy of the teacher for a full student;
 # "encoder": ufogen's discriminator LoRA), the discriminator network, whether a frozen teacher copy outside the
 # sharded networks stays whole on every GPU, and the graphs and no-gradient rows of the activations (gpu_memory).
@@ -39,17 +42,9 @@ ROWS = {
 }
 
 
-def unit_modules(root: nn.Module) -> list[nn.Module]:
-    """The trainer's FSDP units below ``root``: each element of a ModuleList child, every other child with weights."""
-    children = [m for c in root.children() for m in (c if isinstance(c, nn.ModuleList) else [c])]
-    return [m for m in children if next(m.parameters(), None) is not None]
-
-
 def fsdp_units(root: nn.Module) -> list[list[nn.Parameter]]:
-    """The parameters each FSDP unit of ``root`` shards, the root's own (those in no unit) last."""
-    units = [list(m.parameters()) for m in unit_modules(root)]
-    claimed = {id(p) for unit in units for p in unit}
-    return units + [[p for p in root.parameters() if id(p) not in claimed]]
+    """The parameters each FSDP unit of ``root`` shards (the trainer's ``unit_parameters``), the root's own last."""
+    return unit_parameters(root, UNIT_CLASSES)
 
 
 def shard_numel(p: torch.Tensor, n: int, rank: int | None = None) -> int:
@@ -79,8 +74,8 @@ def fsdp_rank_bytes(roots: list[nn.Module], n: int, rank: int) -> dict[str, int]
 
 
 def gathered_bytes(roots: list[nn.Module], n: int) -> int:
-    """FSDP's transient: two units' weights all-gathered in bf16 (one computing, the next prefetched), plus the
-    unsharded gradients of the unit being reduced (bf16 from autograd, copied to fp32 to reduce-scatter)."""
+    """FSDP's transient: two units' weights all-gathered in bf16 (one computing, the next prefetched; the two largest,
+    an upper bound), plus the unsharded gradients of the unit being reduced (bf16, copied to fp32 to reduce-scatter)."""
     weights, grads = [], []
     for root in roots:
         for unit in fsdp_units(root):
@@ -132,22 +127,26 @@ def family_table(name: str, fam: dict, config: dict) -> list[str]:
     gib = lambda b: f"{b / gm.GIB:.1f}"  # noqa: E731
     head = ["| method | student | activations | " + " | ".join(f"DDP {n}" for n in GPUS) + " | "
             + " | ".join(f"FSDP {n}" for n in GPUS) + " | FSDP gathers |", "|---|---|" + "---|" * (2 + 2 * len(GPUS))]
-    lines = ["", f"{name}, GiB per GPU (static: weights + gradients + AdamW; text encoders and VAE whole on every GPU "
-             f"{gib(fam['weights']['VAE'] + fam['weights']['text encoders'])} GiB of it):", "", *head]
+    unsharded = fam["weights"]["VAE"] + fam["weights"]["text encoders"]
+    lines = ["", f"{name}, GiB per GPU, batch 1 per GPU (static: weights + gradients + AdamW states, of which the "
+             f"text encoders and VAE, whole on every GPU: {gib(unsharded)} GiB):", "", *head]
     for (method, student), (second, extra, copy, (graphs, nograd)) in ROWS.items():
         roots = method_networks(config, second, extra, student == "full")
-        whole = fam["weights"]["VAE"] + fam["weights"]["text encoders"] + (fam["weights"]["UNet"] if copy else 0)
+        whole = unsharded + (fam["weights"]["UNet"] if copy else 0)
         ddp = [gib(static_bytes(roots, whole, n, False)) for n in GPUS]
         fsdp = [gib(static_bytes(roots, whole, n, True)) for n in GPUS]
         gathers = gib(max(gathered_bytes(roots, n) for n in GPUS))
         act = gib(gm.activations(fam, graphs, nograd, 1, True))
         lines.append(f"| {method} | {student} | {act} | " + " | ".join(ddp + fsdp) + f" | {gathers} |")
     unet = method_networks(config, None, None, False)[0]
-    units = {id(m) for m in unit_modules(unet)}
-    sizes = sorted((sum(p.numel() for p in m.parameters()), n) for n, m in unet.named_modules() if id(m) in units)
-    lines += ["", f"Largest FSDP units of the UNet: " + ", ".join(f"`{n}` {c / 1e6:.0f} M parameters "
-                                                                  f"({2 * c / gm.GIB:.2f} GiB in bf16)"
-                                                                  for c, n in sizes[::-1][:2]) + "."]
+    names = {id(m): n for n, m in unet.named_modules()}
+    units = shard_units(unet, UNIT_CLASSES)
+    own = unit_parameters(unet, UNIT_CLASSES)[:-1]  # what each unit gathers (inner units hold their own)
+    sizes = sorted((sum(p.numel() for p in params if not p.requires_grad), names[id(m)])  # the teacher's, no LoRA
+                   for m, params in zip(units, own))
+    largest = [f"`{n}` {c / 1e6:.0f} M parameters ({2 * c / gm.GIB:.2f} GiB in bf16)" for c, n in sizes[::-1][:2]]
+    lines += ["", f"Largest FSDP units of the UNet ({sum(c for c, _ in sizes) / 1e6:.0f} M parameters): "
+              + ", ".join(largest) + "."]
     return lines
 
 
@@ -181,22 +180,19 @@ def local_bytes(roots: list[nn.Module], optimizer: torch.optim.Optimizer) -> dic
 
 
 def shard_and_step(out: Path) -> None:
-    """Under torchrun (gloo): shard the tiny networks with fully_shard in the trainer's layout (bf16 compute, fp32
-    reduce), one AdamW step on random inputs, then write this process's ``local_bytes`` to ``out``/rank<r>.json."""
+    """Under torchrun (gloo): shard the tiny networks as the trainer does (``ShardedNetworks``: fully_shard per unit,
+    bf16 compute), one AdamW step on random inputs, then write this process's ``local_bytes`` to out/rank<r>.json."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from distill.optimizers import adamw
+    from distill.sharding import ShardedNetworks, ShardingSettings
 
     dist.init_process_group("gloo")
-    roots = tiny_networks("cpu")
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for root in roots:
-        for unit in unit_modules(root):
-            fully_shard(unit, mp_policy=policy)
-        fully_shard(root, mp_policy=policy)
-    optimizer = adamw([p for root in roots for p in root.parameters() if p.requires_grad], lr=1e-4)
-    unet, heads = roots
+    unet, heads = roots = tiny_networks("cpu")
+    trainable = [p for root in roots for p in root.parameters() if p.requires_grad]
+    sharded = ShardedNetworks({"unet": unet, "discriminator": heads}, ShardingSettings(), torch.bfloat16,
+                              UNIT_CLASSES)
+    optimizer = adamw(sharded.live(trainable), lr=1e-4)  # the sharded parameters that replaced them
     x, t, kwargs = gm.inputs(unet, 2, "cpu")
     features = [torch.randn(2, c, 4, 4) for c in feature_channels(unet.config)]
     loss = unet(x, t, **kwargs).sample.float().square().mean() + sum(y.float().mean() for y in heads(features))
@@ -234,7 +230,8 @@ def tiny_check(measured: list[dict[str, int]]) -> list[str]:
              + " | ".join(f"rank {r}: predicted | measured" for r in range(n)) + " |", "|---|" + "---|" * 2 * n]
     for key in predicted[0]:
         lines.append(f"| {key} | " + " | ".join(f"{p[key]:,} | {m[key]:,}" for p, m in zip(predicted, measured)) + " |")
-    assert predicted == measured, f"predicted {predicted} != measured {measured}"
+    if predicted != measured:
+        raise RuntimeError(f"The sharded sizes differ from the prediction: {measured} != {predicted}")
     return lines
 
 
@@ -251,7 +248,8 @@ def main() -> None:
     for name, config, encoders, family in (("SD1.5 512 px", gm.SD15_UNET, [gm.CLIP_L], gm.SD),
                                            ("SDXL 1024 px", gm.SDXL_UNET, [gm.CLIP_L, gm.CLIP_BIGG], gm.SDXL)):
         text += family_table(name, gm.family(config, encoders, family.vae_fp32), config)
-    text = "\n".join(text[1:] + ["", "Predicted against measured (`fully_shard` on 2 CPU processes):", ""] + check)
+    title = "Predicted against measured (the trainer's `ShardedNetworks`, 2 CPU processes):"
+    text = "\n".join(text[1:] + ["", title, ""] + check)
     print(text)
     if args.out:
         gm.write_section(Path(args.out), text, "benchmarks/sharded_memory.py")

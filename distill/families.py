@@ -49,6 +49,8 @@ class TeacherFamily:
     network_label: str = "UNet"  # what messages call the network
     noise_schedule: Callable[[dict], NoiseSchedule] = NoiseSchedule.from_scheduler_config  # from scheduler config
     lora_target_modules: tuple[str, ...] = UNET_LORA_TARGETS
+    # The network's blocks that sharded training (FSDP2) gathers one at a time, by class name.
+    shard_unit_classes: tuple[str, ...] = ("ResnetBlock2D", "BasicTransformerBlock")
     vae_fp32: bool = False  # its own VAE overflows in fp16, so it stays in fp32
     safety_checker: bool = False  # the stock pipeline has a safety checker, switched off for distillation
     force_zeros_default: bool | None = None  # model_index.json's force_zeros_for_empty_prompt when unset; None: n/a

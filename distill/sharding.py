@@ -5,9 +5,9 @@ launching the processes: the same code then runs on GPUs and in the CPU tests (a
 plugin on a CPU). A run asks for it with an accelerate config of ``distributed_type: FSDP`` and ``fsdp_version: 2``
 (``docs/accelerate_configs/fsdp.yaml``); see ``docs/distributed.md``.
 
-* Units: every element of a network's ModuleList children (a UNet's down and up blocks, a transformer's blocks) and
-  every other direct child holding weights is all-gathered on its own, so a network's root holds no weight, and code
-  that calls a child directly (the discriminators' encoder half) finds that child's weights gathered.
+* Units: the family's blocks (a UNet's resnets and transformer blocks), every other ModuleList element (a UNet's down
+  and up blocks) and every other direct child holding weights are each all-gathered on their own, so a network's root
+  holds no weight, and code that calls a child directly (the discriminators' encoder half) finds its weights gathered.
 * A UNet shared by several LoRA adapters (student, fake score, discriminator backbone) is sharded once.
 * Checkpoints: trainable weights and optimizer states are written by every process with ``torch.distributed.checkpoint``
   (one file per process), which reshards on load: a checkpoint resumes with any process count.
@@ -38,6 +38,7 @@ class ShardingSettings:
     """The FSDP settings of the launch that the trainer applies (from accelerate's FSDP config)."""
 
     reshard_after_forward: bool = True  # free the gathered weights after each unit's forward (FULL_SHARD)
+    unit_classes: tuple[str, ...] | None = None  # fsdp_transformer_layer_cls_to_wrap; None: the family's blocks
 
 
 def _flag(name: str, default: str) -> str:
@@ -55,7 +56,8 @@ def requested_sharding() -> ShardingSettings | None:
         raise DistillError("fsdp_offload_params: true is not supported by the sharded trainer; set it to false (more "
                            "processes shard the weights further).")
     reshard = _flag("FSDP_RESHARD_AFTER_FORWARD", "true") not in ("false", "shard_grad_op", "2")
-    return ShardingSettings(reshard_after_forward=reshard)
+    classes = tuple(c.strip() for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip())
+    return ShardingSettings(reshard_after_forward=reshard, unit_classes=classes or None)
 
 
 @contextlib.contextmanager
@@ -109,16 +111,37 @@ def _has_weights(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
-def shard_units(root: nn.Module) -> list[nn.Module]:
-    """The modules below ``root`` that are all-gathered one at a time: each element of a ModuleList child, and every
-    other direct child with weights."""
-    units = []
-    for child in root.children():
-        if isinstance(child, nn.ModuleList):
-            units += [block for block in child if _has_weights(block)]
-        elif _has_weights(child):
-            units.append(child)
+def shard_units(root: nn.Module, unit_classes: tuple[str, ...] = ()) -> list[nn.Module]:
+    """The modules below ``root`` that are all-gathered one at a time, innermost first: every module of a class named
+    in ``unit_classes`` (the family's blocks: a UNet's resnets and transformer blocks), every other element of a
+    ModuleList (a UNet's down and up blocks hold what their blocks leave), and every other direct child of ``root``
+    with weights. ``root`` then holds no weight of its own."""
+    units: list[nn.Module] = []
+
+    def visit(module: nn.Module, top: bool) -> None:
+        for child in module.children():
+            if type(child).__name__ in unit_classes:
+                if _has_weights(child):
+                    units.append(child)
+                continue
+            visit(child, False)
+            if (top or isinstance(module, nn.ModuleList)) and not isinstance(child, nn.ModuleList) \
+                    and _has_weights(child):
+                units.append(child)
+
+    visit(root, True)
     return units
+
+
+def unit_parameters(root: nn.Module, unit_classes: tuple[str, ...] = ()) -> list[list[nn.Parameter]]:
+    """The parameters each unit of ``root`` shards (a unit holds what its inner units leave), ``root``'s own last."""
+    claimed: set[int] = set()
+    groups = []
+    for unit in [*shard_units(root, unit_classes), root]:
+        own = [p for p in unit.parameters() if id(p) not in claimed]
+        claimed.update(id(p) for p in own)
+        groups.append(own)
+    return groups
 
 
 def shard_roots(nets: dict[str, nn.Module]) -> list[nn.Module]:
@@ -152,7 +175,8 @@ class ShardedNetworks:
     """A method's networks sharded across the processes; maps its parameter lists to the sharded parameters, writes
     and reads sharded checkpoints, and gathers a full copy of a network for validation and export."""
 
-    def __init__(self, nets: dict[str, nn.Module], settings: ShardingSettings, compute_dtype: torch.dtype | None):
+    def __init__(self, nets: dict[str, nn.Module], settings: ShardingSettings, compute_dtype: torch.dtype | None,
+                 unit_classes: tuple[str, ...] = ()):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         self.roots = shard_roots(nets)
@@ -164,7 +188,7 @@ class ShardedNetworks:
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype,
                                       reduce_dtype=torch.float32 if compute_dtype is not None else None)
         for root in self.roots:
-            for unit in shard_units(root):
+            for unit in shard_units(root, unit_classes):
                 fully_shard(unit, reshard_after_forward=settings.reshard_after_forward, mp_policy=policy)
             fully_shard(root, reshard_after_forward=settings.reshard_after_forward, mp_policy=policy)
             # The root must be the first to run; a direct call of one of its units would otherwise claim the role.

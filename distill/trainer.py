@@ -208,7 +208,8 @@ class Trainer:
     def _shard(self, method: Method, groups: dict) -> ShardedNetworks:
         """Shard every network of ``method`` across the processes (FSDP2) and point ``groups`` at the shards."""
         dtype = {"bf16": torch.bfloat16}.get(self.config.mixed_precision)
-        sharded = ShardedNetworks(method.nets, self.sharding, dtype)
+        classes = self.sharding.unit_classes or self.teacher.info.family_spec.shard_unit_classes
+        sharded = ShardedNetworks(method.nets, self.sharding, dtype, classes)
         for name in groups:
             groups[name] = sharded.live(groups[name])
         logger.info("Sharded %d network(s) over %d process(es) with FSDP2: %s", len(sharded.roots),

@@ -222,6 +222,7 @@ def test_a_truncated_shard_makes_its_checkpoint_damaged(runs, tmp_path):
 
 
 FROZEN_SCRIPT = '''
+import sys
 import torch, torch.distributed as dist
 from distill.discriminator import DiscriminatorHeads, frozen_parameters, unet_encoder_features
 from distill.denoiser import AdapterView
@@ -250,7 +251,8 @@ reached_input = x.grad is not None and x.grad.abs().sum().item() > 0
 features = unet_encoder_features(unet, x, t, text)
 sum(l.mean() for l in heads(features)).backward()
 trained = all(p.grad is not None for p in live["heads"]) and any(p.grad is not None for p in live["unet"])
-print(f"RESULT {dist.get_rank()} frozen={frozen} input={reached_input} trained={trained}", flush=True)
+with open(f"{sys.argv[1]}.{dist.get_rank()}", "w") as result:  # one file per process: stdout interleaves
+    result.write(f"frozen={frozen} input={reached_input} trained={trained}")
 dist.destroy_process_group()
 '''
 
@@ -261,11 +263,11 @@ def test_frozen_calls_reach_only_inputs_when_the_networks_are_sharded(tmp_path):
     script = tmp_path / "frozen.py"
     script.write_text(FROZEN_SCRIPT)
     result = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_ports(1)[0]),
-                             str(script)], capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO,
-                            env=subprocess_env())
+                             str(script), str(tmp_path / "result")], capture_output=True, text=True,
+                            timeout=TIMEOUT, cwd=REPO, env=subprocess_env())
     assert result.returncode == 0, tail(subprocess.CompletedProcess([], 1, "", result.stdout + result.stderr))
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
-    assert lines == [f"RESULT {rank} frozen=True input=True trained=True" for rank in (0, 1)]
+    for rank in (0, 1):
+        assert (tmp_path / f"result.{rank}").read_text() == "frozen=True input=True trained=True"
 
 
 def test_sharding_settings_come_from_the_accelerate_fsdp_config(monkeypatch, tmp_path):
@@ -281,7 +283,9 @@ def test_sharding_settings_come_from_the_accelerate_fsdp_config(monkeypatch, tmp
         requested_sharding()
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "BasicTransformerBlock, ResnetBlock2D")
     assert requested_sharding().reshard_after_forward is False
+    assert requested_sharding().unit_classes == ("BasicTransformerBlock", "ResnetBlock2D")
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
     with pytest.raises(DistillError, match="fsdp_offload_params"):
         requested_sharding()
@@ -308,6 +312,7 @@ def test_sharding_settings_come_from_the_accelerate_fsdp_config(monkeypatch, tmp
 
 def test_every_methods_networks_are_sharded_once(sd_teacher):
     """The units fully_shard wraps: a UNet shared by several adapters once, each other network once."""
+    from distill.families import SD
     from distill.methods import get_method
     from distill.sharding import shard_roots, shard_units
     from distill.testing import method_on_teacher
@@ -323,9 +328,15 @@ def test_every_methods_networks_are_sharded_once(sd_teacher):
         covered = {id(p) for root in roots for p in root.parameters()}
         assert trainable <= covered, name
         unet = roots[0]
-        units = shard_units(unet)
+        units = shard_units(unet, SD.shard_unit_classes)
         assert {id(p) for unit in units for p in unit.parameters()} == {id(p) for p in unet.parameters()}, name
         assert all(u in units for u in unet.down_blocks) and unet.conv_in in units and unet.mid_block in units
+        resnets = [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+        blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+        assert resnets and blocks and all(m in units for m in resnets + blocks)
+        # Innermost first (fully_shard wraps inner units before the blocks that hold them).
+        assert units.index(unet.down_blocks[1].attentions[0]) > units.index(blocks[0])
+        assert not any(isinstance(p, torch.nn.ModuleList) for p in units)
     assert seen == {"lcm": ["UNet2DConditionModel"], "swiftbrush": ["UNet2DConditionModel"],
                     "dmd2": ["UNet2DConditionModel", "BottleneckClassifier"],
                     "ufogen": ["UNet2DConditionModel", "DiscriminatorHeads"],
