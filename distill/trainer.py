@@ -56,9 +56,10 @@ def check_distributed_setup(accelerator, method_name: str, method: Method | None
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if accelerator.distributed_type == DistributedType.FSDP or (
             deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3):
-        raise DistillError("DeepSpeed ZeRO-3 is not supported: to shard the weights, launch with FSDP2 "
-                           "(docs/accelerate_configs/fsdp.yaml), which shards every network of every method; see "
-                           "docs/distributed.md.")
+        kind = "DeepSpeed ZeRO-3" if deepspeed else "accelerate's own FSDP wrapping"
+        raise DistillError(f"{kind} is not supported: to shard the weights, launch with an FSDP2 config "
+                           "(docs/accelerate_configs/fsdp.yaml), with which the trainer shards every network of every "
+                           "method; see docs/distributed.md.")
     if deepspeed and method is not None and len(method.nets) > 1:
         raise DistillError(f"The {method_name} method trains {len(method.nets)} networks "
                            f"({', '.join(method.nets)}), and accelerate's DeepSpeed integration wraps one model "
@@ -278,6 +279,7 @@ class Trainer:
         return optimizers, schedulers, accelerator.prepare(loader)
 
     def _bare_optimizers(self) -> list:
+        """The torch optimizers inside accelerate's wrappers (what the sharded checkpoint reads and writes)."""
         return [opt.optimizer for opt in self.optimizers.values()]
 
     def _resume(self, plan: RunPlan) -> int:
@@ -430,7 +432,9 @@ class Trainer:
         plain = self.sharded.gathered(root, self.accelerator.device)
         if plain is None:
             return None
-        return AdapterView(plain, net.adapter).activated() if isinstance(net, AdapterView) else with_mixed_precision(plain)
+        if isinstance(net, AdapterView):
+            return AdapterView(plain, net.adapter).activated()
+        return with_mixed_precision(plain)
 
     def _validate(self, step: int) -> Path | None:
         """A grid of validation images at 1 step and at the method's default step count (on the main process)."""

@@ -47,6 +47,12 @@ SB_STEPS = 3
 SB_FLAGS = ["--train_batch_size", "2", "--lora_rank", "4", "--fake_lora_rank", "4", "--seed", "0",
             "--validation_steps", "0", "--report_to", "none", "--no_export_pipeline", "--max_train_steps",
             str(SB_STEPS), "--checkpointing_steps", str(SB_STEPS), "--learning_rate", str(LEARNING_RATE)]
+GAN_STEPS = 3  # dmd2 (GAN term, backward simulation over K = 4) and ufogen (trained encoder discriminator)
+GAN_FLAGS = ["--train_batch_size", "2", "--lora_rank", "4", "--seed", "0", "--validation_steps", "0", "--report_to",
+             "none", "--no_export_pipeline", "--max_train_steps", str(GAN_STEPS), "--checkpointing_steps",
+             str(GAN_STEPS), "--learning_rate", str(LEARNING_RATE)]
+DMD2_FLAGS = ["--resolution", "32", "--fake_lora_rank", "4", "--gen_cls_loss_weight", "0.01",
+              "--guidance_cls_loss_weight", "0.01", "--dfake_gen_update_ratio", "1"]
 TIMEOUT = 600
 
 
@@ -100,16 +106,22 @@ class Runs:
     lcm_one_from_two: subprocess.CompletedProcess  # 1 sharded process from the 2-process run's checkpoint-2
     sb_one: subprocess.CompletedProcess
     sb_two: subprocess.CompletedProcess
+    dmd2_one: subprocess.CompletedProcess
+    dmd2_two: subprocess.CompletedProcess
+    ufogen_one: subprocess.CompletedProcess
+    ufogen_two: subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="module")
-def runs(sd_teacher, image_folder, tmp_path_factory) -> Runs:
+def runs(sd_teacher, sdxl_teacher, image_folder, tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("sharded")
     prompts = root / "prompts.txt"
     prompts.write_text("a red square\na blue circle\na striped picture\na green digit\n")
     lcm = ["--pretrained_teacher_model", sd_teacher, "--train_data_dir", image_folder, *LCM_FLAGS]
     sb = ["--pretrained_teacher_model", sd_teacher, "--prompts_file", prompts, *SB_FLAGS]
-    ports = free_ports(5)
+    dmd2 = ["--pretrained_teacher_model", sdxl_teacher, "--train_data_dir", image_folder, *GAN_FLAGS, *DMD2_FLAGS]
+    ufogen = ["--pretrained_teacher_model", sd_teacher, "--train_data_dir", image_folder, *GAN_FLAGS]
+    ports = free_ports(7)
     # Two launches at a time: the machine has two cores.
     lcm_one = plain("lcm_lora.py", root / "lcm-one", *lcm)
     lcm_two = sharded("lcm_lora.py", root / "lcm-two", 2, ports[0], *lcm)
@@ -126,6 +138,10 @@ def runs(sd_teacher, image_folder, tmp_path_factory) -> Runs:
     sb_two = sharded("swiftbrush.py", root / "sb-two", 2, ports[4], *sb, "--gradient_checkpointing")
     done["lcm_one_from_two"] = finish(one_from_two, root / "lcm-one-from-two")
     done["sb_two"] = finish(sb_two, root / "sb-two")
+    for name, script, args, port in [("dmd2", "dmd2.py", dmd2, ports[5]), ("ufogen", "ufogen.py", ufogen, ports[6])]:
+        one = plain(script, root / f"{name}-one", *args)
+        two = sharded(script, root / f"{name}-two", 2, port, *args)
+        done[f"{name}_one"], done[f"{name}_two"] = finish(one, root / f"{name}-one"), finish(two, root / f"{name}-two")
     return Runs(root, **done)
 
 
@@ -149,8 +165,9 @@ def assert_sharded_over(checkpoint: Path, processes: int) -> None:
     weights = {k: v for k, v in metadata.items() if k.startswith("model.")}
     moments = {k: v for k, v in metadata.items() if k.startswith("optim.state.") and k.endswith("exp_avg")}
     assert weights and len(moments) == len(weights)
-    for name, tensor in {**weights, **moments}.items():
-        assert len(tensor.chunks) == min(processes, tensor.size[0]), name
+    for name, tensor in {**weights, **moments}.items():  # one piece per process (possibly empty), together whole
+        assert len(tensor.chunks) == processes, name
+        assert sum(chunk.sizes[0] for chunk in tensor.chunks) == tensor.size[0], name
     assert not list(checkpoint.glob("*trainable.safetensors")) and not list(checkpoint.glob("optimizer*.bin"))
 
 
@@ -181,6 +198,21 @@ def test_a_method_with_two_networks_shards_both_and_trains_what_one_process_trai
     assert adapters == {"default", "fake_score"}
     assert_equal_up_to_float_noise(load_file(runs.root / "sb-one" / "pytorch_lora_weights.safetensors"),
                                    load_file(runs.root / "sb-two" / "pytorch_lora_weights.safetensors"), SB_STEPS)
+
+
+@pytest.mark.parametrize("name, networks", [("dmd2", "FSDPUNet2DConditionModel, FSDPBottleneckClassifier"),
+                                            ("ufogen", "FSDPUNet2DConditionModel, FSDPDiscriminatorHeads")])
+def test_methods_with_a_discriminator_train_sharded_what_one_process_trains(runs, name, networks):
+    """DMD2 (its classifier read frozen by the generator; a backward-simulation depth that must be the same on every
+    process, or their all-gathers mismatch) and UFOGen (a discriminator on the student's own UNet, read frozen)."""
+    one, two = getattr(runs, f"{name}_one"), getattr(runs, f"{name}_two")
+    assert one.returncode == 0, tail(one)
+    assert two.returncode == 0, tail(two)
+    assert f"Sharded 2 network(s) over 2 process(es) with FSDP2: {networks}" in two.stderr
+    assert_sharded_over(runs.root / f"{name}-two" / f"checkpoint-{GAN_STEPS}", 2)
+    assert_equal_up_to_float_noise(load_file(runs.root / f"{name}-one" / "pytorch_lora_weights.safetensors"),
+                                   load_file(runs.root / f"{name}-two" / "pytorch_lora_weights.safetensors"),
+                                   GAN_STEPS)
 
 
 def test_sigkill_then_resume_under_sharding_equals_the_uninterrupted_run(runs):
