@@ -39,6 +39,11 @@ class StudentEMA:
     def step(self) -> None:
         self.average.step(self.params)
 
+    def tracking(self, params: list[torch.nn.Parameter]) -> "StudentEMA":
+        """A fresh average, with this one's decay, of ``params`` (the sharded parameters that replaced the tracked
+        ones when sharded training wraps the networks, before any step)."""
+        return StudentEMA(params, self.average.decay)
+
     def averaged_copy(self, unet: torch.nn.Module) -> torch.nn.Module:
         """A copy of ``unet`` (which holds the tracked parameters) with the averages in place of the live weights."""
         names = {id(p): name for name, p in unet.named_parameters()}

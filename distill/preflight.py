@@ -111,7 +111,7 @@ def check_inputs(method_cls, method_config, data_config: ImageDataConfig, cfg: T
     _check_resume_flag(cfg.resume_from_checkpoint)
     check_output_dir(Path(cfg.output_dir))
     resume_path = resume_checkpoint(cfg.resume_from_checkpoint, Path(cfg.output_dir))
-    check_sharding_flags(cfg, requested_sharding(), method_config, resume_path)
+    check_sharding_flags(cfg, requested_sharding(), resume_path)
     seed, drawn = run_seed(cfg.seed, resume_path)
     data_config = dataclasses.replace(data_config, resolution=resolution, seed=seed)
     dataset, collate = build_training_set(method_cls.data_kind_for(method_config), data_config, info)

@@ -11,7 +11,8 @@ plugin on a CPU). A run asks for it with an accelerate config of ``distributed_t
 * A UNet shared by several LoRA adapters (student, fake score, discriminator backbone) is sharded once.
 * Checkpoints: trainable weights and optimizer states are written by every process with ``torch.distributed.checkpoint``
   (one file per process), which reshards on load: a checkpoint resumes with any process count.
-* Validation and export read a full copy of the student gathered on the main process (collective).
+* Validation and export read a full copy of the student gathered on the main process (collective), with the EMA's
+  averages in place of its weights under --use_ema (the averages are sharded like the weights, and checkpointed).
 """
 
 from __future__ import annotations
@@ -207,39 +208,55 @@ class ShardedNetworks:
             raise RuntimeError("Sharding was asked for, but some trainable parameters were left whole.")
         return sharded
 
+    def _ema_shadows(self, ema) -> dict[str, torch.Tensor]:
+        """The EMA's averages (sharded like the weights they track), keyed by those weights' names."""
+        names = {id(p): name for name, p in self._live.items()}
+        return {names[id(p)]: shadow for p, shadow in zip(ema.params, ema.average.shadow_params)}
+
     # ------------------------------------------------------------------------------------------- checkpoints
-    def _state(self, optimizers: list[torch.optim.Optimizer]) -> dict:
-        """{"model": trainable weights, "optim": optimizer states}, keyed by parameter name, each process its shards."""
+    def _state(self, optimizers: list[torch.optim.Optimizer], ema=None) -> dict:
+        """{"model": trainable weights, "optim": optimizer states, "ema": averages and their step count}, keyed by
+        parameter name, each process its shards."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model, optim = get_state_dict(self.container, optimizers)
         trainable = {name for name, p in self.container.named_parameters() if p.requires_grad}
-        return {"model": {k: v for k, v in model.items() if k in trainable}, "optim": optim}
+        state = {"model": {k: v for k, v in model.items() if k in trainable}, "optim": optim}
+        if ema is not None:
+            state["ema"] = {**self._ema_shadows(ema), "step": torch.tensor(ema.average.optimization_step)}
+        return state
 
-    def save(self, folder: Path, optimizers: list[torch.optim.Optimizer]) -> None:
-        """Write the trainable weights and optimizer states to ``folder``; every process writes its shards."""
+    def save(self, folder: Path, optimizers: list[torch.optim.Optimizer], ema=None) -> None:
+        """Write the trainable weights, optimizer states and EMA to ``folder``; every process writes its shards."""
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self._state(optimizers), checkpoint_id=str(folder))
+        dcp.save(self._state(optimizers, ema), checkpoint_id=str(folder))
 
-    def load(self, folder: Path, optimizers: list[torch.optim.Optimizer]) -> None:
+    def load(self, folder: Path, optimizers: list[torch.optim.Optimizer], ema=None) -> None:
         """Read what ``save`` wrote (by any number of processes) into this run's shards."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        state = self._state(optimizers)
-        dcp.load(state, checkpoint_id=str(folder))
+        state = self._state(optimizers, ema)
+        dcp.load(state, checkpoint_id=str(folder))  # in place, the EMA's averages included
         set_state_dict(self.container, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=False))
+        if ema is not None:
+            ema.average.optimization_step = int(state["ema"]["step"])
 
     # ------------------------------------------------------------------------------------------- full copies
-    def gathered(self, root: nn.Module, device: torch.device) -> nn.Module | None:
+    def gathered(self, root: nn.Module, device: torch.device, ema=None) -> nn.Module | None:
         """Collective: a plain copy of the sharded ``root`` with its full weights on the main process (None on the
-        others), with the adapters it had when sharded; for validation and export."""
+        others), with the adapters it had when sharded, and with ``ema``'s averages in place of the weights it
+        tracks; for validation and export."""
         import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        prefix = next(f"{name}." for name, module in self.container.items() if module is root)
+        for name, shadow in (self._ema_shadows(ema) if ema is not None else {}).items():
+            if name.startswith(prefix):
+                state[name.removeprefix(prefix)] = shadow.full_tensor().cpu()  # every process joins the gather
         if dist.get_rank() != 0:
             return None
         plain = copy.deepcopy(self._skeletons[id(root)]).to_empty(device=device)
@@ -247,7 +264,7 @@ class ShardedNetworks:
         return plain.eval()
 
 
-def check_sharding_flags(cfg, settings: ShardingSettings | None, method_config, resume_path: Path | None) -> None:
+def check_sharding_flags(cfg, settings: ShardingSettings | None, resume_path: Path | None) -> None:
     """Flags the sharded trainer does not take, and a checkpoint written in the other layout, before any work."""
     if resume_path is not None and is_sharded_checkpoint(resume_path) != (settings is not None):
         written, now = ("sharded (FSDP)", "without sharding") if settings is None else ("without sharding", "sharded")
@@ -260,6 +277,3 @@ def check_sharding_flags(cfg, settings: ShardingSettings | None, method_config, 
                            "is not sharded).")
     if cfg.torch_compile:
         raise DistillError("--torch_compile is not supported with sharded training (FSDP) yet; drop one of them.")
-    if getattr(method_config, "use_ema", False):
-        raise DistillError("--use_ema is not supported with sharded training (FSDP) yet; drop it, or launch with "
-                           "DDP (docs/accelerate_configs/multi_gpu.yaml).")

@@ -213,6 +213,8 @@ class Trainer:
         sharded = ShardedNetworks(method.nets, self.sharding, dtype, classes)
         for name in groups:
             groups[name] = sharded.live(groups[name])
+        if method.ema is not None:
+            method.ema = method.ema.tracking(sharded.live(method.ema.params))
         logger.info("Sharded %d network(s) over %d process(es) with FSDP2: %s", len(sharded.roots),
                     self.accelerator.num_processes, ", ".join(type(root).__name__ for root in sharded.roots))
         return sharded
@@ -274,7 +276,8 @@ class Trainer:
                                                  split_batches=accelerator.split_batches)
                       for name, scheduler in schedulers.items()}
         self.optimizers = optimizers
-        for state in [*schedulers.values(), *method.checkpoint_objects()]:
+        sharded_ema = method.ema.average if method.ema is not None else None  # in the sharded state, not here
+        for state in [*schedulers.values(), *(o for o in method.checkpoint_objects() if o is not sharded_ema)]:
             accelerator.register_for_checkpointing(state)
         return optimizers, schedulers, accelerator.prepare(loader)
 
@@ -288,7 +291,7 @@ class Trainer:
             return 0
         self.accelerator.load_state(str(plan.resume_path))
         if self.sharded is not None:
-            self.sharded.load(plan.resume_path / SHARDED_STATE, self._bare_optimizers())
+            self.sharded.load(plan.resume_path / SHARDED_STATE, self._bare_optimizers(), self.method.ema)
         # Checkpoints are written between optimizer steps: a new accumulation window starts, whatever the window
         # length of the run that wrote it (load_state restores that run's micro-batch count).
         self.accelerator.step = 0
@@ -393,7 +396,7 @@ class Trainer:
         if self.sharded is not None:
             state["sharded_processes"] = self.accelerator.num_processes
         write_shards = None if self.sharded is None else (
-            lambda folder: self.sharded.save(folder / SHARDED_STATE, self._bare_optimizers()))
+            lambda folder: self.sharded.save(folder / SHARDED_STATE, self._bare_optimizers(), self.method.ema))
         self.stop.last_checkpoint = save_checkpoint(self.accelerator, self.output_dir, step, state,
                                                     self.config.checkpoints_total_limit, write_shards)
 
@@ -429,7 +432,7 @@ class Trainer:
 
         net = self.method.nets["unet"]
         root = net.unet if isinstance(net, AdapterView) else net
-        plain = self.sharded.gathered(root, self.accelerator.device)
+        plain = self.sharded.gathered(root, self.accelerator.device, self.method.ema)
         if plain is None:
             return None
         if isinstance(net, AdapterView):

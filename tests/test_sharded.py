@@ -49,8 +49,8 @@ SB_FLAGS = ["--train_batch_size", "2", "--lora_rank", "4", "--fake_lora_rank", "
             str(SB_STEPS), "--checkpointing_steps", str(SB_STEPS), "--learning_rate", str(LEARNING_RATE)]
 GAN_STEPS = 3  # dmd2 (GAN term, backward simulation over K = 4) and ufogen (trained encoder discriminator)
 GAN_FLAGS = ["--train_batch_size", "2", "--lora_rank", "4", "--seed", "0", "--validation_steps", "0", "--report_to",
-             "none", "--no_export_pipeline", "--max_train_steps", str(GAN_STEPS), "--checkpointing_steps",
-             str(GAN_STEPS), "--learning_rate", str(LEARNING_RATE)]
+             "none", "--no_export_pipeline", "--max_train_steps", str(GAN_STEPS), "--checkpointing_steps", "1",
+             "--learning_rate", str(LEARNING_RATE)]
 DMD2_FLAGS = ["--resolution", "32", "--fake_lora_rank", "4", "--gen_cls_loss_weight", "0.01",
               "--guidance_cls_loss_weight", "0.01", "--dfake_gen_update_ratio", "1"]
 TIMEOUT = 600
@@ -110,6 +110,7 @@ class Runs:
     dmd2_two: subprocess.CompletedProcess
     ufogen_one: subprocess.CompletedProcess
     ufogen_two: subprocess.CompletedProcess
+    ufogen_one_from_two: subprocess.CompletedProcess  # with its EMA, resumed in 1 sharded process
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +121,9 @@ def runs(sd_teacher, sdxl_teacher, image_folder, tmp_path_factory) -> Runs:
     lcm = ["--pretrained_teacher_model", sd_teacher, "--train_data_dir", image_folder, *LCM_FLAGS]
     sb = ["--pretrained_teacher_model", sd_teacher, "--prompts_file", prompts, *SB_FLAGS]
     dmd2 = ["--pretrained_teacher_model", sdxl_teacher, "--train_data_dir", image_folder, *GAN_FLAGS, *DMD2_FLAGS]
-    ufogen = ["--pretrained_teacher_model", sd_teacher, "--train_data_dir", image_folder, *GAN_FLAGS]
-    ports = free_ports(7)
+    # UFOGen exports the EMA of its generator (--use_ema): averages sharded, checkpointed and gathered.
+    ufogen = ["--pretrained_teacher_model", sd_teacher, "--train_data_dir", image_folder, *GAN_FLAGS, "--use_ema"]
+    ports = free_ports(8)
     # Two launches at a time: the machine has two cores.
     lcm_one = plain("lcm_lora.py", root / "lcm-one", *lcm)
     lcm_two = sharded("lcm_lora.py", root / "lcm-two", 2, ports[0], *lcm)
@@ -142,6 +144,9 @@ def runs(sd_teacher, sdxl_teacher, image_folder, tmp_path_factory) -> Runs:
         one = plain(script, root / f"{name}-one", *args)
         two = sharded(script, root / f"{name}-two", 2, port, *args)
         done[f"{name}_one"], done[f"{name}_two"] = finish(one, root / f"{name}-one"), finish(two, root / f"{name}-two")
+    ufogen_resumed = sharded("ufogen.py", root / "ufogen-one-from-two", 1, ports[7], *ufogen,
+                             "--resume_from_checkpoint", root / "ufogen-two" / "checkpoint-1")
+    done["ufogen_one_from_two"] = finish(ufogen_resumed, root / "ufogen-one-from-two")
     return Runs(root, **done)
 
 
@@ -213,6 +218,24 @@ def test_methods_with_a_discriminator_train_sharded_what_one_process_trains(runs
     assert_equal_up_to_float_noise(load_file(runs.root / f"{name}-one" / "pytorch_lora_weights.safetensors"),
                                    load_file(runs.root / f"{name}-two" / "pytorch_lora_weights.safetensors"),
                                    GAN_STEPS)
+
+
+def test_the_ema_is_sharded_checkpointed_and_resumed_with_another_process_count(runs):
+    """UFOGen --use_ema: the averages are saved in the sharded state beside the weights they track, a 1-process
+    resume of the 2-process checkpoint-1 reads them back, and both export the same averages."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    assert runs.ufogen_one_from_two.returncode == 0, tail(runs.ufogen_one_from_two)
+    metadata = FileSystemReader(str(runs.root / "ufogen-two" / "checkpoint-1" / "sharded_state")).read_metadata()
+    names = metadata.state_dict_metadata
+    averages = {k.removeprefix("ema.") for k in names if k.startswith("ema.") and k != "ema.step"}
+    student = {k.removeprefix("model.") for k in names if k.startswith("model.") and ".lora_" in k
+               and ".default." in k}
+    assert averages and averages == student  # the student's adapter is averaged, the discriminator's is not
+    assert all(len(names[f"ema.{k}"].chunks) == 2 for k in averages)
+    assert_equal_up_to_float_noise(load_file(runs.root / "ufogen-two" / "pytorch_lora_weights.safetensors"),
+                                   load_file(runs.root / "ufogen-one-from-two" / "pytorch_lora_weights.safetensors"),
+                                   GAN_STEPS - 1)
 
 
 def test_sigkill_then_resume_under_sharding_equals_the_uninterrupted_run(runs):
@@ -324,22 +347,17 @@ def test_sharding_settings_come_from_the_accelerate_fsdp_config(monkeypatch, tmp
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "false")
     settings = requested_sharding()
 
-    class Config:
-        use_ema = True
-
-    refused = [({"mixed_precision": "fp16"}, None, "bf16"), ({"torch_compile": True}, None, "--torch_compile"),
-               ({}, Config(), "--use_ema")]
-    for flags, method_config, message in refused:
+    for flags, message in [({"mixed_precision": "fp16"}, "bf16"), ({"torch_compile": True}, "--torch_compile")]:
         with pytest.raises(DistillError, match=message):
-            check_sharding_flags(TrainConfig(**flags), settings, method_config, None)
+            check_sharding_flags(TrainConfig(**flags), settings, None)
     unsharded, sharded_checkpoint = tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"
     unsharded.mkdir()
     (sharded_checkpoint / SHARDED_STATE).mkdir(parents=True)
     with pytest.raises(DistillError, match="written without sharding"):
-        check_sharding_flags(TrainConfig(), settings, None, unsharded)
+        check_sharding_flags(TrainConfig(), settings, unsharded)
     with pytest.raises(DistillError, match=r"written sharded \(FSDP\)"):
-        check_sharding_flags(TrainConfig(), None, None, sharded_checkpoint)
-    check_sharding_flags(TrainConfig(mixed_precision="bf16"), settings, None, sharded_checkpoint)
+        check_sharding_flags(TrainConfig(), None, sharded_checkpoint)
+    check_sharding_flags(TrainConfig(mixed_precision="bf16"), settings, sharded_checkpoint)
 
 
 def test_every_methods_networks_are_sharded_once(sd_teacher):
