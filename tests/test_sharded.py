@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import subprocess_env
-from test_multiprocess import free_ports, tail
+from test_multiprocess import finish, free_ports, start, tail
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "train_scripts"
@@ -56,33 +56,18 @@ DMD2_FLAGS = ["--resolution", "32", "--fake_lora_rank", "4", "--gen_cls_loss_wei
 TIMEOUT = 600
 
 
-def start(argv: list[str], out: Path, **env: str) -> subprocess.Popen:
-    with open(out.with_suffix(".log"), "w") as log:
-        return subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                env=subprocess_env(**env), start_new_session=True)
-
-
-def finish(process: subprocess.Popen, out: Path) -> subprocess.CompletedProcess:
-    try:
-        code, note = process.wait(timeout=TIMEOUT), ""
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        code, note = process.wait(), f"\n[killed after {TIMEOUT} s: the run hung]"
-    return subprocess.CompletedProcess(process.args, code, "", out.with_suffix(".log").read_text() + note)
-
-
 def plain(script: str, out: Path, *args: str) -> subprocess.Popen:
     """One process without sharding, two accumulation steps (global batch 4)."""
-    return start([sys.executable, SCRIPTS / script, "--output_dir", out, *args, "--gradient_accumulation_steps", "2"],
-                 out)
+    argv = [sys.executable, SCRIPTS / script, "--output_dir", out, *args, "--gradient_accumulation_steps", "2"]
+    return start([str(a) for a in argv], out)
 
 
 def sharded(script: str, out: Path, processes: int, port: int, *args: str) -> subprocess.Popen:
     """accelerate launch with the FSDP config (global batch 4 at batch 2 per process)."""
     accumulation = ["--gradient_accumulation_steps", str(4 // (2 * processes))]
-    return start([ACCELERATE, "launch", "--config_file", FSDP_CONFIG, "--num_processes", str(processes),
-                  "--mixed_precision", "no", "--main_process_port", str(port), SCRIPTS / script, "--output_dir", out,
-                  *args, *accumulation], out, ACCELERATE_USE_CPU="true")
+    argv = [ACCELERATE, "launch", "--config_file", FSDP_CONFIG, "--num_processes", processes, "--mixed_precision", "no",
+            "--main_process_port", port, SCRIPTS / script, "--output_dir", out, *args, *accumulation]
+    return start([str(a) for a in argv], out, ACCELERATE_USE_CPU="true")
 
 
 def kill_once_written(process: subprocess.Popen, checkpoint: Path) -> None:
