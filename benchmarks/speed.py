@@ -28,6 +28,7 @@ import torch
 
 from distill.batching import BatchEncoder
 from distill.teacher import inspect_teacher, native_resolution
+from distill.memory_format import frozen_weights_channels_last
 from distill.methods import METHODS, Teacher
 from distill.optimizers import adamw
 from distill.teacher import load_teacher
@@ -49,6 +50,7 @@ def measure(method_name: str, teacher: Path, cached: bool, steps: int, batch_siz
     config = method_cls.Config(lora_rank=4)
     method = method_cls(Teacher(loaded.network, loaded.schedule, info, loaded.latent_shape), config)
     optimizers = {k: adamw(v, lr=1e-4) for k, v in method.trainable().items()}  # the trainer's AdamW
+    frozen_weights_channels_last([loaded.network, loaded.vae, *method.nets.values()])  # the trainer's default layout
     encoder = BatchEncoder(loaded.vae, loaded.conditioner)
     kind = method_cls.data_kind_for(config)
     raw = {"caption": [f"a handwritten digit {i}" for i in range(batch_size)]}

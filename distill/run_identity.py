@@ -21,7 +21,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "validation_steps", "validation_prompts", "report_to", "logging_dir", "tracker_project_name", "export_pipeline",
     "export_format", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "hub_include_pipeline",
     "dataloader_num_workers", "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "allow_tf32",
-    "torch_compile",
+    "torch_compile", "channels_last",
     "mixed_precision", "vae_encode_batch_size", "max_train_steps", "num_train_epochs", "num_inference_steps",
     "pretrained_teacher_model",  # compared through the teacher fingerprint; the same teacher may move
 })

@@ -67,6 +67,11 @@ class TrainConfig:
     torch_compile: bool = field(default=False, metadata={
         "help": "Compile the network's repeated blocks with torch.compile (diffusers' regional compilation): faster "
                 "steps after a one-off compile at the start (about a minute on a GPU, longer on the CPU)."})
+    channels_last: bool = field(default=True, metadata={
+        "help": "Store the frozen convolution weights of the UNet and VAE channels-last (NHWC), which the GPU and CPU "
+                "convolution kernels run faster on (trainable weights stay contiguous; sharded runs keep every "
+                "weight contiguous).",
+        "help_off": "Keep every weight in PyTorch's default contiguous (NCHW) layout."})
     enable_xformers_memory_efficient_attention: bool = field(default=False, metadata={
         "help": "Use xformers attention (pip install xformers); PyTorch's SDPA is used otherwise."})
     dataloader_num_workers: int | None = field(default=None, metadata={

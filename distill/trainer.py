@@ -20,6 +20,7 @@ from .checkpoints import (complete_checkpoints, newest_intact, read_state, regis
 from .data import ImageDataConfig
 from .errors import DistillError
 from .export import export_student, student_pipeline, student_scheduler
+from .memory_format import frozen_weights_channels_last
 from .methods import Method, Teacher, get_method
 from .optimizers import build_optimizers
 from .preflight import Inputs, check_inputs
@@ -202,6 +203,8 @@ class Trainer:
             teacher.network.enable_gradient_checkpointing()
         if cfg.enable_xformers_memory_efficient_attention:
             teacher.network.enable_xformers_memory_efficient_attention()
+        if cfg.channels_last and not self.sharding:  # FSDP2 shards flat views of the weights: keep them contiguous
+            frozen_weights_channels_last([teacher.network, teacher.vae, *method.nets.values()])
         if cfg.torch_compile:
             teacher.network.compile_repeated_blocks()
         return method, groups

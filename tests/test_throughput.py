@@ -1,5 +1,5 @@
-"""What makes training steps faster must not change what they compute: regional torch.compile, the fused AdamW, and
-the data loader's defaults. (The one batched real/fake score pass is checked in test_score_distillation.py.)"""
+"""What makes training steps faster must not change what they compute: regional torch.compile, channels-last
+weights, the fused AdamW, and the data loader's defaults. (The one batched real/fake score pass is checked in test_score_distillation.py.)"""
 
 from __future__ import annotations
 
@@ -26,19 +26,51 @@ def logged_losses(out) -> list[float]:
     return [e.value for e in events.Scalars("loss/unet")]
 
 
-def test_torch_compile_trains_the_same_student_as_eager(sd_teacher, image_folder, tmp_path):
+@pytest.fixture(scope="module")
+def eager(sd_teacher, image_folder, tmp_path_factory) -> tuple[Trainer, list[float]]:
+    """A two-step LCM run with the defaults (channels-last frozen weights, no compilation) and its logged losses."""
+    out = tmp_path_factory.mktemp("eager")
+    trainer = lcm_run(sd_teacher, image_folder, out)
+    trainer.run()
+    losses = logged_losses(out)
+    assert len(losses) == 2 and losses[0] != losses[1]
+    return trainer, losses
+
+
+def conv_weights(network: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in network.named_parameters() if p.dim() == 4}
+
+
+def test_frozen_conv_weights_are_channels_last_and_train_the_same_student(eager, sd_teacher, image_folder, tmp_path):
+    """By default the frozen 4-D weights of the UNet and the VAE are stored channels-last while the trainable LoRA
+    convolutions stay contiguous (the fused AdamW needs parameter and moments in one layout); the losses equal those
+    of a --no_channels_last run up to float noise, and that run keeps every weight contiguous."""
+    trainer, losses = eager
+    unet, vae = trainer.teacher.network, trainer.teacher.vae
+    frozen = {n: p for n, p in conv_weights(unet).items() if not p.requires_grad}
+    trainable = {n: p for n, p in conv_weights(unet).items() if p.requires_grad}
+    assert frozen and trainable  # the LoRA student has trainable convolutions (lora_A of each conv layer)
+    channels_last = torch.channels_last
+    assert all(p.is_contiguous(memory_format=channels_last) for p in frozen.values())
+    assert any(not p.is_contiguous() for p in frozen.values())  # 3x3 kernels: the layout really changed
+    assert all(p.is_contiguous() for p in trainable.values())
+    assert all(p.is_contiguous(memory_format=channels_last) for p in conv_weights(vae).values())
+    contiguous = lcm_run(sd_teacher, image_folder, tmp_path / "nchw", channels_last=False)
+    contiguous.run()
+    assert all(p.is_contiguous() for p in conv_weights(contiguous.teacher.network).values())
+    torch.testing.assert_close(logged_losses(tmp_path / "nchw"), losses, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_trains_the_same_student_as_eager(eager, sd_teacher, image_folder, tmp_path):
     """--torch_compile compiles the UNet's transformer blocks (diffusers' regional compilation) and the run logs the
     losses of the eager run up to float noise: the first step's, and the second's, which reads the updated weights.
     (Weights are not compared: Adam turns float noise in a near-zero gradient into a full learning-rate step.)"""
-    eager = lcm_run(sd_teacher, image_folder, tmp_path / "eager")
-    eager.run()
+    eager, losses = eager
     compiled = lcm_run(sd_teacher, image_folder, tmp_path / "compiled", torch_compile=True)
     compiled.run()
     blocks = [m for m in compiled.teacher.network.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert blocks and all(block._compiled_call_impl is not None for block in blocks)
     assert not any(getattr(m, "_compiled_call_impl", None) for m in eager.teacher.network.modules())
-    losses = logged_losses(tmp_path / "eager")
-    assert len(losses) == 2 and losses[0] != losses[1]
     torch.testing.assert_close(logged_losses(tmp_path / "compiled"), losses, rtol=1e-4, atol=1e-6)
 
 
