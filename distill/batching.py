@@ -44,12 +44,14 @@ class BatchEncoder:
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """z = scaling_factor * sample of the VAE posterior (Rombach et al. 2022, sec. 3)."""
+        """z = scaling_factor * (sample of the VAE posterior - shift_factor) (Rombach et al. 2022, sec. 3; SD3 and
+        FLUX.1 VAEs set a shift_factor)."""
         chunks = []
         for chunk in pixel_values.split(self.vae_encode_batch_size):
             chunk = chunk.to(self.vae.device, self.vae.dtype)
             chunks.append(self.vae.encode(chunk).latent_dist.sample())
-        return torch.cat(chunks).float() * self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (torch.cat(chunks).float() - shift) * self.vae.config.scaling_factor
 
     def encode_text(self, batch: dict) -> Cond:
         """The prompt condition of an image batch (SDXL also gets its micro-conditioning)."""
@@ -59,7 +61,7 @@ class BatchEncoder:
         """The empty-prompt condition, computed once."""
         if self._uncond is None:
             self._uncond = self.conditioner.unconditional(1)
-        return Cond(*(None if t is None else t.expand(batch_size, *t.shape[1:]) for t in self._uncond.tensors()))
+        return self._uncond.map(lambda t: t.expand(batch_size, *t.shape[1:]))
 
     def __call__(self, batch: dict, device) -> LatentBatch:
         """A LatentBatch on ``device`` from images + captions, cached latents + embeddings, captions only, or pairs."""

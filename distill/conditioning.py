@@ -36,10 +36,14 @@ class Cond:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def unet_kwargs(self) -> dict:
-        """Keyword arguments for the network's forward (``UNet2DConditionModel.forward``), ``extra`` included."""
+        """Keyword arguments for the network's forward, ``extra`` included. Pooled embeddings with micro-conditioning
+        time ids go to a UNet's ``added_cond_kwargs`` (SDXL); without time ids, to a transformer's
+        ``pooled_projections`` (SD3)."""
         kwargs: dict = {"encoder_hidden_states": self.prompt_embeds, **self.extra}
-        if self.pooled_prompt_embeds is not None:
+        if self.pooled_prompt_embeds is not None and self.time_ids is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled_prompt_embeds, "time_ids": self.time_ids}
+        elif self.pooled_prompt_embeds is not None:
+            kwargs["pooled_projections"] = self.pooled_prompt_embeds
         return kwargs
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Cond":
@@ -241,4 +245,47 @@ class SDXLTextConditioner(TextConditioner):
             problems.append(f"the UNet's projection_class_embeddings_input_dim is {added_in}, but "
                             f"{list(encoders)[-1]}'s pooled projection ({projection}) and six time ids give "
                             f"{projection + 6 * time_dim}")
+        return problems
+
+
+class SD3TextConditioner(TextConditioner):
+    """SD3 / SD3.5: two CLIP encoders' penultimate states, zero-padded to T5's width and followed along the sequence by
+    T5's last states; the two pooled projections concatenated (Esser et al. 2024, sec. 5.2 and fig. 2)."""
+
+    encoder_classes = ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel")
+    output_hidden_states = True
+    max_sequence_length = 256  # T5 tokens, the default of diffusers' StableDiffusion3Pipeline
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], original_size=None, crop_top_left=None) -> Cond:
+        """The joint text sequence [CLIP-L | CLIP-G | 0 ; T5] and the pooled projections, as the SD3 pipeline
+        builds them (image sizes are not conditioned on)."""
+        clip = [self._hidden_states(i, prompts) for i in range(2)]
+        clip_states = torch.cat([o.hidden_states[-2] for o in clip], dim=-1)
+        t5_states = self._t5_states(prompts)
+        clip_states = torch.nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+        pooled = torch.cat([o.text_embeds for o in clip], dim=-1)
+        return Cond(torch.cat([clip_states, t5_states.to(clip_states.dtype)], dim=-2), pooled)
+
+    def _t5_states(self, prompts: list[str]) -> torch.Tensor:
+        """T5's last hidden states of the prompts, padded to ``max_sequence_length`` tokens."""
+        tokenizer, encoder = self.tokenizers[2], self.text_encoders[2]
+        ids = tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                        add_special_tokens=True, return_tensors="pt").input_ids
+        return encoder(ids.to(encoder.device))[0]
+
+    @classmethod
+    def config_problems(cls, network: dict, encoders: dict[str, dict]) -> list[str]:
+        """The transformer must read T5-wide states (joint_attention_dim = T5's d_model) at least as wide as both CLIP
+        states together, and the two pooled projections (pooled_projection_dim = the sum of their projection_dim)."""
+        clip, t5 = list(encoders.values())[:2], list(encoders.values())[2]
+        joint, pooled = network.get("joint_attention_dim"), network.get("pooled_projection_dim")
+        width, projections = t5.get("d_model"), [e.get("projection_dim") for e in clip]
+        problems = []
+        if None not in (joint, width) and joint != width:
+            problems.append(f"the transformer reads {joint}-wide text states (joint_attention_dim) but text_encoder_3 "
+                            f"gives {width} (d_model)")
+        if None not in (pooled, *projections) and pooled != sum(projections):
+            problems.append(f"the transformer's pooled_projection_dim is {pooled}, but the two CLIP encoders' pooled "
+                            f"projections give {sum(projections)}")
         return problems

@@ -25,10 +25,11 @@ class Denoiser:
         return self.schedule.to_x0_eps(output.float(), x_t.float(), t)
 
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The UNet's own output (eps, v or x0 depending on the teacher)."""
+        """The network's own output (eps, v, x0 or flow velocity, depending on the teacher)."""
         dtype = network_dtype(self.module)
         cond = cond.to(x_t.device, dtype)
-        return self.unet(x_t.to(dtype), t.to(x_t.device), **cond.unet_kwargs(), return_dict=False)[0]
+        timestep = self.schedule.network_timestep(t.to(x_t.device))
+        return self.unet(x_t.to(dtype), timestep=timestep, **cond.unet_kwargs(), return_dict=False)[0]
 
     @contextlib.contextmanager
     def as_teacher(self):

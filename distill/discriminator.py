@@ -17,6 +17,16 @@ import torch
 from torch import nn
 
 from .denoiser import network_dtype, using_adapter
+from .errors import DistillError
+
+
+def require_unet_encoder(family, what: str, fix: str) -> None:
+    """Refuse, before any weights load, a discriminator on a teacher whose network is not a UNet: every head here
+    reads a UNet's encoder (down and mid blocks); a transformer (SD3) has none."""
+    if family.network_class != "UNet2DConditionModel":
+        raise DistillError(f"{what} reads the encoder features of a UNet, but the {family.label} teacher's network is "
+                           f"a {family.network_label} ({family.network_class}), which this toolkit has no "
+                           f"discriminator for yet. {fix}")
 
 
 def unet_encoder_features(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,

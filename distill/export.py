@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 
 PIPELINE_MODULE = "pipeline_few_step"  # the file in pipelines/ holding each family's few_step_pipeline class
 SCHEDULER_SUBFOLDER = "scheduler"
-FULL_UNET_SUBFOLDER = "unet"  # where a fully fine-tuned student's UNet goes instead of LoRA weights
+FULL_UNET_SUBFOLDER = "unet"  # where a fully fine-tuned student's UNet goes instead of LoRA weights (SD, SDXL)
+FULL_TRANSFORMER_SUBFOLDER = "transformer"  # the same for a transformer teacher (SD3)
 SCHEDULER_FILES = {"LCMScheduler": None,  # scheduler class -> file in distill.pipelines when not a stock class
-                   "PCMScheduler": "scheduler_pcm"}
+                   "PCMScheduler": "scheduler_pcm", "FlowFewStepScheduler": "scheduler_flow"}
 
 
 def scheduler_class(name: str):
@@ -45,8 +46,8 @@ def student_scheduler(teacher_scheduler_config, sampling: SamplingSpec):
 def student_pipeline(info: TeacherInfo, unet, vae, conditioner: TextConditioner, scheduler):
     """The family's stock pipeline assembled from in-memory components (for validation images)."""
     family = info.family_spec
-    pipe = family.pipeline_class()(vae=vae, unet=unet, scheduler=scheduler, **family.text_components(conditioner),
-                                   **family.pipeline_kwargs(info))
+    pipe = family.pipeline_class()(vae=vae, scheduler=scheduler, **{family.network_subfolder: unet},
+                                   **family.text_components(conditioner), **family.pipeline_kwargs(info))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -64,7 +65,7 @@ def export_lora_folder(folder: Path, unet, info: TeacherInfo, scheduler, samplin
     if is_lora_student(unet):
         save_lora(folder, unet, info)
     else:
-        getattr(unet, "module", unet).save_pretrained(folder / FULL_UNET_SUBFOLDER)
+        getattr(unet, "module", unet).save_pretrained(folder / info.family_spec.network_subfolder)
     scheduler.save_pretrained(folder / SCHEDULER_SUBFOLDER)
     recorded = {k: v for k, v in asdict(sampling).items() if k != "scheduler_config"}  # that one is in scheduler/
     record = {**run_config, "teacher_family": info.family, "sampling": recorded}  # check_lora_base reads the family
@@ -82,11 +83,13 @@ def export_pipeline_folder(folder: Path, teacher_path: str, info: TeacherInfo, l
     """
     check_lora_base(lora_folder, info)
     base = info.family_spec.pipeline_class().from_pretrained(teacher_path, dtype=torch_dtype)
-    if (lora_folder / FULL_UNET_SUBFOLDER).is_dir():
-        from diffusers import UNet2DConditionModel
+    family = info.family_spec
+    if (lora_folder / family.network_subfolder / "config.json").is_file():
+        import diffusers
 
-        base.unet = UNet2DConditionModel.from_pretrained(lora_folder, subfolder=FULL_UNET_SUBFOLDER,
-                                                         dtype=torch_dtype)
+        network = getattr(diffusers, family.network_class).from_pretrained(lora_folder, dtype=torch_dtype,
+                                                                           subfolder=family.network_subfolder)
+        setattr(base, family.network_subfolder, network)
     else:
         base.load_lora_weights(lora_folder)
         base.fuse_lora()
@@ -134,8 +137,8 @@ PIPELINE_SUBFOLDER = "pipeline"
 # What a LoRA/student folder holds for the Hub: weights (diffusers and kohya keys, or a full UNet), the scheduler,
 # the card, its sample grid and the run's settings. Anything else in output_dir (checkpoint-N/, logs/, cache/,
 # validation/, half-written *.partial folders) stays local.
-HUB_STUDENT_FILES = ["pytorch_lora_weights.safetensors", KOHYA_WEIGHT_NAME,
-                     f"{FULL_UNET_SUBFOLDER}/*", f"{SCHEDULER_SUBFOLDER}/*", "README.md", SAMPLES_FILE,
+HUB_STUDENT_FILES = ["pytorch_lora_weights.safetensors", KOHYA_WEIGHT_NAME, f"{FULL_UNET_SUBFOLDER}/*",
+                     f"{FULL_TRANSFORMER_SUBFOLDER}/*", f"{SCHEDULER_SUBFOLDER}/*", "README.md", SAMPLES_FILE,
                      "distill_config.json"]
 HUB_PIPELINE_FILES = [f"{PIPELINE_SUBFOLDER}/*"]
 HUB_NEVER = ["*.partial", "*.partial/*", "checkpoint-*", "logs/*", "cache/*", "validation/*"]
@@ -237,7 +240,7 @@ def export_student(output_dir: Path, method, unet, teacher, cfg, plan) -> None:
 
     from .lora import save_lora_kohya
 
-    sampling = method.export_defaults()
+    sampling = method.sampling()
     scheduler = student_scheduler(teacher.scheduler_config, sampling)
     export_lora_folder(output_dir, unet, teacher.info, scheduler, sampling,
                        {"method": plan.method, **plan.scalar_settings()})

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .conditioning import SDTextConditioner, SDXLTextConditioner, TextConditioner
+from .conditioning import SD3TextConditioner, SDTextConditioner, SDXLTextConditioner, TextConditioner
 from .errors import DistillError
-from .schedule import NoiseSchedule
+from .schedule import FlowMatchingSchedule, NoiseSchedule
 from .teacher_files import component_config
 
 if TYPE_CHECKING:
@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 UNET_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+)
+# The layers of a flow-matching transformer (SD3 joint blocks) diffusers' SD3 LoRA script adapts, the attention
+# projections of both streams, plus both streams' feed-forward projections.
+TRANSFORMER_LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
 )
 
 
@@ -44,6 +51,7 @@ class TeacherFamily:
     stock_pipeline: str  # the diffusers pipeline class that loads the folder
     few_step_pipeline: str  # the class in pipelines/pipeline_few_step.py that exported folders name
     kohya_layout: str  # module naming of the kohya LoRA file: a key of distill.lora.KOHYA_LAYOUTS
+    kohya_prefix: str = "lora_unet_"  # what the kohya file's module names start with
     network_class: str = "UNet2DConditionModel"  # the diffusers class of the denoiser network
     network_subfolder: str = "unet"
     network_label: str = "UNet"  # what messages call the network
@@ -54,6 +62,7 @@ class TeacherFamily:
     vae_fp32: bool = False  # its own VAE overflows in fp16, so it stays in fp32
     safety_checker: bool = False  # the stock pipeline has a safety checker, switched off for distillation
     force_zeros_default: bool | None = None  # model_index.json's force_zeros_for_empty_prompt when unset; None: n/a
+    flow_matching: bool = False  # a flow-matching teacher: students sample with pipelines/scheduler_flow.py
 
     def __repr__(self) -> str:
         return f"TeacherFamily({self.name!r})"
@@ -132,10 +141,20 @@ SDXL = register(TeacherFamily(
     stock_pipeline="StableDiffusionXLPipeline", few_step_pipeline="FewStepStableDiffusionXLPipeline",
     kohya_layout="sgm", vae_fp32=True, force_zeros_default=True,
 ))
+SD3 = register(TeacherFamily(
+    name="sd3", label="SD3/SD3.5", text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
+    tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"),
+    conditioner=SD3TextConditioner, network_signature=(("_class_name", "SD3Transformer2DModel"),),
+    stock_pipeline="StableDiffusion3Pipeline", few_step_pipeline="FewStepStableDiffusion3Pipeline",
+    kohya_layout="diffusers", kohya_prefix="lora_transformer_",  # ComfyUI's SD3 key map reads these names
+    network_class="SD3Transformer2DModel", network_subfolder="transformer", network_label="transformer",
+    noise_schedule=FlowMatchingSchedule.from_scheduler_config, lora_target_modules=TRANSFORMER_LORA_TARGETS,
+    shard_unit_classes=("JointTransformerBlock",), flow_matching=True,
+))
 
 
 def get_family(name: str) -> TeacherFamily:
-    """The registered family called ``name`` ("sd", "sdxl")."""
+    """The registered family called ``name`` ("sd", "sdxl", "sd3")."""
     try:
         return FAMILIES[name]
     except KeyError:

@@ -119,13 +119,12 @@ def lora_metadata(unet: torch.nn.Module) -> dict:
 
 
 def save_lora(folder: str | Path, unet: torch.nn.Module, info: TeacherInfo) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` loadable by the stock SD/SDXL pipeline's ``load_lora_weights``."""
+    """Write ``pytorch_lora_weights.safetensors`` loadable by the family's stock pipeline's ``load_lora_weights``."""
     folder = Path(folder)
+    network = info.family_spec.network_subfolder  # save_lora_weights names its arguments after the component
     info.family_spec.pipeline_class().save_lora_weights(
-        folder,
-        unet_lora_layers=lora_state_dict(unet),
-        unet_lora_adapter_metadata=lora_metadata(unet),
-        safe_serialization=True,
+        folder, safe_serialization=True,
+        **{f"{network}_lora_layers": lora_state_dict(unet), f"{network}_lora_adapter_metadata": lora_metadata(unet)},
     )
     return folder / "pytorch_lora_weights.safetensors"
 
@@ -270,7 +269,8 @@ def kohya_module_names(unet: torch.nn.Module, family: str) -> dict[str, str]:
 
     bare = getattr(unet, "module", unet)
     layout = kohya_layout(family)
-    names = {path: "lora_unet_" + layout(path, bare.config).replace(".", "_")
+    prefix = get_family(family).kohya_prefix
+    names = {path: prefix + layout(path, bare.config).replace(".", "_")
              for path, module in bare.named_modules()
              if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_alpha}
     if len(set(names.values())) != len(names):

@@ -36,7 +36,11 @@ class Inputs:
 
 
 def _check_against_teacher(info: TeacherInfo, method_config) -> None:
-    """The method config's own check_against_teacher hook, given the teacher's T from its scheduler config alone."""
+    """The method config's own hooks: check_against_family, given the teacher's family, and check_against_teacher,
+    given the teacher's T from its scheduler config alone."""
+    family_check = getattr(method_config, "check_against_family", None)  # optional: what the network must offer
+    if family_check is not None:
+        family_check(info.family_spec)
     check = getattr(method_config, "check_against_teacher", None)  # optional: configs without timestep counts
     scheduler_file = Path(info.path, "scheduler", "scheduler_config.json")
     if check is None or not scheduler_file.is_file():

@@ -1,14 +1,16 @@
-"""Noise schedule of a discrete-time (DDPM) teacher: alphas, sigmas, parameterisations, grids, scalings.
+"""Noise schedules of the teachers: alphas, sigmas, parameterisations, grids, scalings.
 
-Notation follows DDIM (Song et al. 2021): x_t = alpha_t * x_0 + sigma_t * eps with
-alpha_t = sqrt(alphabar_t) and sigma_t = sqrt(1 - alphabar_t).
+Notation follows DDIM (Song et al. 2021): x_t = alpha_t * x_0 + sigma_t * eps. A DDPM teacher (SD, SDXL) has
+alpha_t = sqrt(alphabar_t) and sigma_t = sqrt(1 - alphabar_t); a flow-matching teacher (SD3, FLUX.1) has
+alpha_t = 1 - sigma_t on its shifted sigma grid. Both are tables indexed by an integer training timestep t, so the
+methods' grids, phases and chains are the same code for either.
 """
 
 from __future__ import annotations
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -37,7 +39,17 @@ class NoiseSchedule:
 
     @property
     def num_train_timesteps(self) -> int:
-        return len(self.alphas_cumprod)
+        return len(self.alphas)
+
+    def network_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep value the network is called with at training timestep t (a DDPM UNet: t itself)."""
+        return t
+
+    def transition(self, s: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a_{t|s}, sigma^2_{t|s} of q(x_t | x_s) = N(a x_s, sigma^2 I), s < t; VP: a^2 = abar_t / abar_s,
+        sigma^2 = 1 - a^2 (DDPM, Ho et al. 2020, eq. 2)."""
+        ratio = self.alphas_cumprod[t.cpu().long()] / self.alphas_cumprod[s.cpu().long()]
+        return _per_sample(ratio.sqrt(), like), _per_sample(1 - ratio, like)
 
     def alpha(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return _per_sample(self.alphas[t.cpu().long()], like)
@@ -58,10 +70,44 @@ class NoiseSchedule:
         elif self.prediction_type == "v_prediction":
             x0 = alpha * x_t - sigma * model_output
             eps = alpha * model_output + sigma * x_t
+        elif self.prediction_type == "flow_prediction":  # v = eps - x0 on x_t = (1 - sigma) x0 + sigma eps
+            x0 = x_t - sigma * model_output
+            eps = x_t + alpha * model_output
         else:
             x0 = model_output
             eps = (x_t - alpha * x0) / sigma
         return x0, eps
+
+
+class FlowMatchingSchedule(NoiseSchedule):
+    """x_t = (1 - sigma_t) x0 + sigma_t eps with velocity prediction v = eps - x0 (Rectified Flow, Liu et al. 2022;
+    SD3, Esser et al. 2024, sec. 2 and eq. 23 for the shift), on the sigma table of diffusers'
+    ``FlowMatchEulerDiscreteScheduler``: t = 0..T-1 holds sigma of timestep t + 1, so sigma_{T-1} = 1 is pure noise."""
+
+    def __init__(self, sigmas: torch.Tensor):
+        self.sigmas = sigmas.float()
+        self.alphas = 1 - self.sigmas
+        self.alphas_cumprod = self.alphas**2  # alpha_t^2, for code that reads signal power
+        self.prediction_type = "flow_prediction"
+
+    @classmethod
+    def from_scheduler_config(cls, config) -> "FlowMatchingSchedule":
+        """The training sigmas of a ``FlowMatchEulerDiscreteScheduler`` config, with its static shift applied."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        config = {**config, "use_dynamic_shifting": False}  # FLUX's resolution-dependent shift: see network_timestep
+        return cls(FlowMatchEulerDiscreteScheduler.from_config(config).sigmas.flip(0))
+
+    def network_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma_t * T, the timestep diffusers' flow pipelines pass to the transformer."""
+        return self.sigmas.to(t.device)[t.long()] * self.num_train_timesteps
+
+    def transition(self, s: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a = alpha_t / alpha_s, sigma^2 = sigma_t^2 - a^2 sigma_s^2 of q(x_t | x_s) for any Gaussian path (Kingma et
+        al. 2021, VDM, eq. 33)."""
+        a = self.alphas[t.cpu().long()] / self.alphas[s.cpu().long()]
+        variance = self.sigmas[t.cpu().long()] ** 2 - a**2 * self.sigmas[s.cpu().long()] ** 2
+        return _per_sample(a, like), _per_sample(variance, like)
 
 
 def ddim_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> torch.Tensor:
@@ -107,9 +153,9 @@ def phase_lower_edge(t: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
 
 def diffuse_between(schedule: NoiseSchedule, x_s: torch.Tensor, noise: torch.Tensor, s: torch.Tensor,
                     t: torch.Tensor) -> torch.Tensor:
-    """q(x_t | x_s) = N(sqrt(abar_t / abar_s) x_s, (1 - abar_t / abar_s) I) for t >= s (DDPM, Ho et al. 2020, eq. 2)."""
-    ratio = _per_sample(schedule.alphas_cumprod[t.cpu().long()] / schedule.alphas_cumprod[s.cpu().long()], x_s)
-    return ratio.sqrt() * x_s + (1 - ratio).sqrt() * noise
+    """Sample q(x_t | x_s) = N(a_{t|s} x_s, sigma^2_{t|s} I) for t >= s (DDPM, Ho et al. 2020, eq. 2)."""
+    a, variance = schedule.transition(s, t, x_s)
+    return a * x_s + variance.sqrt() * noise
 
 
 def alpha_sigma_to_clean(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor):
@@ -122,16 +168,15 @@ def alpha_sigma_to_clean(schedule: NoiseSchedule, t: torch.Tensor, like: torch.T
 
 
 def transition_variance(schedule: NoiseSchedule, s: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """beta_{t|s} = 1 - abar_t / abar_s, the variance of q(x_t | x_s) for s < t (DDPM, Ho et al. 2020, eq. 2 and 4)."""
-    ratio = schedule.alphas_cumprod[t.cpu().long()] / schedule.alphas_cumprod[s.cpu().long()]
-    return _per_sample(1 - ratio, like)
+    """beta_{t|s}, the variance of q(x_t | x_s) for s < t (VP: 1 - abar_t / abar_s; DDPM, Ho et al. 2020, eq. 2)."""
+    return schedule.transition(s, t, like)[1]
 
 
 def posterior_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, s: torch.Tensor,
                             t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of q(x_s | x_t, x_0) for s < t (DDPM, Ho et al. 2020, eq. 6-7, beta_t -> beta_{t|s})."""
-    abar_t = _per_sample(schedule.alphas_cumprod[t.cpu().long()], x_t)
-    abar_s = _per_sample(schedule.alphas_cumprod[s.cpu().long()], x_t)
-    beta = transition_variance(schedule, s, t, x_t)
-    mean = (abar_s.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - abar_s) * x_t) / (1 - abar_t)
-    return mean, beta * (1 - abar_s) / (1 - abar_t)
+    """Mean and variance of q(x_s | x_t, x_0) for s < t (DDPM, Ho et al. 2020, eq. 6-7, beta_t -> beta_{t|s}; any
+    Gaussian path: VDM, Kingma et al. 2021, eq. 34-35)."""
+    a, beta = schedule.transition(s, t, x_t)
+    alpha_s, sigma_s, sigma_t = schedule.alpha(s, x_t), schedule.sigma(s, x_t), schedule.sigma(t, x_t)
+    mean = (alpha_s * beta * x0 + a * sigma_s**2 * x_t) / sigma_t**2
+    return mean, beta * sigma_s**2 / sigma_t**2

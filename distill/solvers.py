@@ -59,8 +59,10 @@ class CFGSolverSettings:
 
 
 def ddim_step(schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor, t_prev: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM step x_{t_prev} = alpha_{t_prev} x0 + sigma_{t_prev} eps (Song et al. 2021, eq. 12, eta=0)."""
-    return schedule.alpha(t_prev, x0) * x0 + schedule.sigma(t_prev, x0) * eps
+    """Deterministic DDIM step x_{t_prev} = alpha_{t_prev} x0 + sigma_{t_prev} eps (Song et al. 2021, eq. 12, eta=0);
+    on a flow-matching teacher the Euler step of the flow ODE. t_prev = -1 is the clean end."""
+    alpha, sigma = alpha_sigma_to_clean(schedule, t_prev, x0)
+    return alpha * x0 + sigma * eps
 
 
 def guided(cond_value: torch.Tensor, uncond_value: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -94,17 +96,12 @@ def teacher_ddim_step(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, t_p
     return ddim_step(teacher.schedule, x0, eps, t_prev)
 
 
-def first_order_transfer(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
-                         t_to: torch.Tensor) -> torch.Tensor:
-    """Follow the first-order ODE x = alpha x0 + sigma eps from x_t to t_to (DDIM eq. 12; Rectified Diffusion)."""
-    alpha_t, sigma_t = alpha_sigma_to_clean(schedule, t, x_t)
-    alpha_to, sigma_to = alpha_sigma_to_clean(schedule, t_to, x_t)
-    return alpha_to * (x_t - sigma_t * eps) / alpha_t + sigma_to * eps
-
-
-def phase_noise(schedule: NoiseSchedule, x_start: torch.Tensor, x_end: torch.Tensor, s_start: torch.Tensor,
-                s_end: torch.Tensor) -> torch.Tensor:
-    """eps = Delta(x / alpha) / Delta(sigma / alpha) of the line joining two points (Rectified Diffusion, phased)."""
+def line_through(schedule: NoiseSchedule, x_start: torch.Tensor, x_end: torch.Tensor, s_start: torch.Tensor,
+                 s_end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) of the first-order trajectory x_s = alpha_s x0 + sigma_s eps through two points (Rectified Diffusion,
+    Wang et al. 2024, phased: eps = Delta(x / alpha) / Delta(sigma / alpha)), solved without dividing by alpha, which
+    is 0 at a flow-matching teacher's pure-noise end."""
     alpha_s, sigma_s = alpha_sigma_to_clean(schedule, s_start, x_start)
     alpha_e, sigma_e = alpha_sigma_to_clean(schedule, s_end, x_start)
-    return (x_end / alpha_e - x_start / alpha_s) / (sigma_e / alpha_e - sigma_s / alpha_s)
+    determinant = alpha_s * sigma_e - alpha_e * sigma_s
+    return (sigma_e * x_start - sigma_s * x_end) / determinant, (alpha_s * x_end - alpha_e * x_start) / determinant

@@ -95,14 +95,19 @@ def resolve_hub_snapshot(repo_id: str, cache_dir: str | None, revision: str | No
         ) from error
 
 
+NETWORK_SUBFOLDERS = ("unet", "transformer")  # where the families' denoiser networks live (distill/families.py)
+
+
 def teacher_fingerprint(teacher_path: str | os.PathLike) -> str:
-    """A cheap identity of a teacher's UNet: sha256 of its config and a sample of its weight bytes.
+    """A cheap identity of a teacher's denoiser network (unet/ or transformer/): sha256 of its config and a sample of
+    its weight bytes.
 
     Reads about 200 KB per weight file whatever its size (the size and 64 KiB at its start, middle and end), so the
     same files give the same value under any path or Hub id, while another model or a fine-tune of the same one (its
     weights differ everywhere) gives another.
     """
-    unet = Path(teacher_path) / "unet"
+    unet = next((Path(teacher_path) / name for name in NETWORK_SUBFOLDERS
+                 if (Path(teacher_path) / name / "config.json").is_file()), Path(teacher_path) / NETWORK_SUBFOLDERS[0])
     config = json.loads((unet / "config.json").read_text())
     digest = hashlib.sha256(json.dumps({k: v for k, v in config.items() if not k.startswith("_")},
                                        sort_keys=True).encode())

@@ -1,7 +1,8 @@
-"""Tiny SD- and SDXL-shaped teachers built from config, for tests, demos and offline benchmarks.
+"""Tiny SD-, SDXL- and SD3-shaped teachers built from config, for tests, demos and offline benchmarks.
 
 Everything here works without the Hub: the CLIP tokenizer is rebuilt from the BPE vocabulary
-that open_clip ships inside its wheel, and the models are initialised from a seed.
+that open_clip ships inside its wheel, the T5 tokenizer is a small Unigram vocabulary of English words,
+and the models are initialised from a seed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import torch
 
 CLIP_VOCAB_SIZE = 49408
 TINY_RESOLUTION = 32
+T5_WORDS = (
+    "zero one two three four five six seven eight nine ten a an the of in on with and photo picture image drawing "
+    "handwritten digit number letter white black red green blue small large striped dark light background"
+).split()
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -83,8 +88,15 @@ def tiny_text_encoder(hidden_size: int, projection_dim: int, with_projection: bo
     return cls(config).eval()
 
 
-def tiny_vae(seed: int = 0, block_out_channels: tuple[int, ...] = (32, 64)):
-    """A small AutoencoderKL (downsampling factor 2 ** (len(block_out_channels) - 1))."""
+def tiny_vae(
+    seed: int = 0,
+    block_out_channels: tuple[int, ...] = (32, 64),
+    latent_channels: int = 4,
+    scaling_factor: float = 0.18215,
+    shift_factor: float | None = None,
+    use_quant_conv: bool = True,
+):
+    """A small AutoencoderKL (downsampling factor 2 ** (len(block_out_channels) - 1)), SD- or SD3-style."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -94,9 +106,13 @@ def tiny_vae(seed: int = 0, block_out_channels: tuple[int, ...] = (32, 64)):
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * len(block_out_channels),
         up_block_types=["UpDecoderBlock2D"] * len(block_out_channels),
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=32,
         sample_size=TINY_RESOLUTION,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=use_quant_conv,
+        use_post_quant_conv=use_quant_conv,
     )
 
 
@@ -192,6 +208,95 @@ def build_tiny_teacher(
             feature_extractor=None,
             requires_safety_checker=False,
         )
+    pipe.save_pretrained(folder)
+    for leftover in (folder / "_tokenizer_src").iterdir():
+        leftover.unlink()
+    (folder / "_tokenizer_src").rmdir()
+    return folder
+
+
+def t5_tokenizer(max_length: int = 256):
+    """A T5TokenizerFast (Unigram, ids <pad>=0 </s>=1 <unk>=2, </s> appended) over T5_WORDS, letters and digits."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    pieces += [("▁" + word, -5.0) for word in dict.fromkeys(T5_WORDS)]
+    pieces += [(char, -10.0) for char in string.ascii_letters + string.digits]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def tiny_t5_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
+    """A 2-layer T5EncoderModel (2 heads of 16, feed-forward 64) like the tiny T5 in diffusers' SD3 tests."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=16,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()
+
+
+def tiny_sd3_transformer(seed: int = 0, sample_size: int = TINY_RESOLUTION // 2, in_channels: int = 4):
+    """SD3Transformer2DModel shaped like diffusers' own SD3 unit-test transformer (inner dim 32, 2 blocks)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,  # T5's d_model, which the two CLIP hidden states side by side (16 + 16) fill
+        pooled_projection_dim=64,  # the two CLIP text projections, 32 + 32
+        pos_embed_max_size=2 * sample_size,  # patch grids up to 4x the native side (128 px)
+    )
+
+
+def build_tiny_sd3_teacher(folder: str | os.PathLike, seed: int = 0, transformer=None, vae=None) -> Path:
+    """Save a tiny Stable Diffusion 3 teacher (two CLIPs, T5, MMDiT, flow matching) in the diffusers folder layout."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    folder = Path(folder)
+    vae = vae or tiny_vae(seed, latent_channels=4, scaling_factor=1.5035, shift_factor=0.0609, use_quant_conv=False)
+    downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
+    tokenizer_3 = t5_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer or tiny_sd3_transformer(seed, TINY_RESOLUTION // downsampling,
+                                                        vae.config.latent_channels),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        # CLIP states 16 + 16 wide fit T5's 32 (the pipeline crops wider ones); projections 32 + 32 = pooled 64
+        text_encoder=tiny_text_encoder(16, 32, with_projection=True, seed=seed + 1),
+        tokenizer=clip_tokenizer(folder / "_tokenizer_src"),
+        text_encoder_2=tiny_text_encoder(16, 32, with_projection=True, seed=seed + 2),
+        tokenizer_2=clip_tokenizer(folder / "_tokenizer_src", pad_token="!"),
+        text_encoder_3=tiny_t5_encoder(len(tokenizer_3), d_model=32, seed=seed + 3),
+        tokenizer_3=tokenizer_3,
+    )
     pipe.save_pretrained(folder)
     for leftover in (folder / "_tokenizer_src").iterdir():
         leftover.unlink()

@@ -447,7 +447,7 @@ class Trainer:
         unet = self._student_unet()
         if not self.accelerator.is_main_process:
             return None
-        sampling = self.method.export_defaults()
+        sampling = self.method.sampling()
         teacher = self.teacher
         pipe = student_pipeline(teacher.info, unet, teacher.vae, teacher.conditioner,
                                 student_scheduler(teacher.scheduler_config, sampling))

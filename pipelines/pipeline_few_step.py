@@ -1,4 +1,4 @@
-"""Few-step text-to-image pipelines for distilled Stable Diffusion / SDXL students.
+"""Few-step text-to-image pipelines for distilled Stable Diffusion / SDXL / SD3 students.
 
 This file travels inside exported pipeline folders and is loaded by
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``. It imports only torch,
@@ -9,7 +9,7 @@ say otherwise.
 
 from __future__ import annotations
 
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 
 class _FewStepDefaults:
@@ -58,3 +58,27 @@ class FewStepStableDiffusionXLPipeline(_FewStepDefaults, StableDiffusionXLPipeli
 
     def __call__(self, *args, **kwargs):
         return super().__call__(*args, **self._with_defaults(kwargs))
+
+
+class FewStepStableDiffusion3Pipeline(_FewStepDefaults, StableDiffusion3Pipeline):
+    """StableDiffusion3Pipeline that samples with the distilled student's step count and guidance by default."""
+
+    _optional_components = StableDiffusion3Pipeline._optional_components
+
+    def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                 text_encoder_3, tokenizer_3, image_encoder=None, feature_extractor=None,
+                 default_num_inference_steps: int = 4, default_guidance_scale: float = 1.0):
+        super().__init__(transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                         text_encoder_3, tokenizer_3, image_encoder=image_encoder, feature_extractor=feature_extractor)
+        self._register_defaults(default_num_inference_steps, default_guidance_scale)
+
+    def __call__(self, *args, **kwargs):
+        """The stock call; a re-noising scheduler draws from the caller's ``generator`` too (the stock SD3 pipeline
+        does not hand it to ``scheduler.step``), so a seed fixes the whole sample."""
+        if hasattr(self.scheduler, "noise_generator"):
+            self.scheduler.noise_generator = kwargs.get("generator")
+        try:
+            return super().__call__(*args, **self._with_defaults(kwargs))
+        finally:
+            if hasattr(self.scheduler, "noise_generator"):
+                self.scheduler.noise_generator = None

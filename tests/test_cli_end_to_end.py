@@ -35,8 +35,14 @@ PROMPT = "a striped picture number 3"
 FLAGS = ["--checkpointing_steps", "2", "--train_batch_size", "2", "--lora_rank", "4", "--seed", "0",
          "--validation_steps", "0", "--report_to", "none"]
 LORA_RANK, LORA_ALPHA = 4, 64.0  # --lora_rank above; lora_alpha is LCMConfig's default
-PIPELINE_CLASSES = {"sd": "FewStepStableDiffusionPipeline", "sdxl": "FewStepStableDiffusionXLPipeline"}
-STOCK_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+PIPELINE_CLASSES = {"sd": "FewStepStableDiffusionPipeline", "sdxl": "FewStepStableDiffusionXLPipeline",
+                    "sd3": "FewStepStableDiffusion3Pipeline"}
+STOCK_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+# The LCM student's scheduler: diffusers' LCMScheduler on a DDPM teacher, the shipped flow scheduler on SD3.
+SCHEDULERS = {"sd": "LCMScheduler", "sdxl": "LCMScheduler", "sd3": "FlowFewStepScheduler"}
+SCHEDULER_ENTRIES = {"sd": ["diffusers", "LCMScheduler"], "sdxl": ["diffusers", "LCMScheduler"],
+                     "sd3": ["scheduler_flow", "FlowFewStepScheduler"]}
+NETWORKS = {"sd": "unet", "sdxl": "unet", "sd3": "transformer"}
 
 
 def train(teacher: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -75,13 +81,13 @@ def global_steps(out: Path) -> dict[str, int]:
             for name in checkpoints(out)}
 
 
-def exported_as_checkpoint_keys(out: Path) -> dict[str, torch.Tensor]:
+def exported_as_checkpoint_keys(out: Path, network: str) -> dict[str, torch.Tensor]:
     """pytorch_lora_weights.safetensors renamed to the parameter names checkpoints store (``...lora_A.default...``)."""
     state = load_file(out / "pytorch_lora_weights.safetensors")
     renamed = {}
     for key, value in state.items():
-        assert key.startswith("unet."), key
-        module, kind, leaf = key[len("unet."):].rsplit(".", 2)
+        assert key.startswith(network + "."), key
+        module, kind, leaf = key[len(network) + 1:].rsplit(".", 2)
         renamed[f"{module}.{kind}.default.{leaf}"] = value
     return renamed
 
@@ -100,7 +106,7 @@ class LCMRun:
     resumed: subprocess.CompletedProcess  # 8 steps, --resume_from_checkpoint latest --checkpoints_total_limit 2
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
+@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3"])
 def lcm_run(request, tmp_path_factory, image_folder) -> LCMRun:
     """6 steps with a checkpoint every 2, then resumed from the latest checkpoint to 8 keeping at most 2 checkpoints."""
     family = request.param
@@ -146,7 +152,7 @@ def test_resume_from_latest_continues_training(lcm_run):
     assert not list(run.out.rglob("*.partial"))
 
     checkpoint_8 = load_file(run.out / "checkpoint-8" / "unet_trainable.safetensors")
-    exported = exported_as_checkpoint_keys(run.out)
+    exported = exported_as_checkpoint_keys(run.out, NETWORKS[run.family])
     assert set(exported) == set(checkpoint_8) == set(run.checkpoint_6)
     # The export is the final state ...
     for key, value in checkpoint_8.items():
@@ -197,22 +203,23 @@ def test_exact_resume_mid_epoch_with_random_augmentation(sd_teacher, image_folde
 def test_model_card_and_sampling_config(lcm_run):
     assert lcm_run.resumed.returncode == 0, tail(lcm_run.resumed)
     card = (lcm_run.out / "README.md").read_text()
-    assert "LCMScheduler" in card
+    assert SCHEDULERS[lcm_run.family] in card
     assert "samples in 4 steps" in card and "num_inference_steps=4" in card
     assert STOCK_CLASSES[lcm_run.family] in card
     assert "| max_train_steps | 8 |" in card and "| lora_rank | 4 |" in card
     config = json.loads((lcm_run.out / "distill_config.json").read_text())
-    assert config["sampling"] == {"scheduler": "LCMScheduler", "num_inference_steps": 4, "guidance_scale": 1.0}
+    assert config["sampling"] == {"scheduler": SCHEDULERS[lcm_run.family], "num_inference_steps": 4,
+                                  "guidance_scale": 1.0}
     assert (Path(config["train_data_dir"]) / "metadata.jsonl").is_file()  # the data settings are recorded too
     scheduler = json.loads((lcm_run.out / "scheduler" / "scheduler_config.json").read_text())
-    assert scheduler["_class_name"] == "LCMScheduler" and scheduler["original_inference_steps"] == 50
+    assert scheduler["_class_name"] == SCHEDULERS[lcm_run.family] and scheduler["original_inference_steps"] == 50
 
 
-def test_lora_file_holds_only_unet_lora_weights(lcm_run):
+def test_lora_file_holds_only_the_networks_lora_weights(lcm_run):
     assert lcm_run.resumed.returncode == 0, tail(lcm_run.resumed)
     state = load_file(lcm_run.out / "pytorch_lora_weights.safetensors")
     assert state and all("lora" in key for key in state)
-    assert all(key.startswith("unet.") for key in state)
+    assert all(key.startswith(NETWORKS[lcm_run.family] + ".") for key in state)
     a_keys = {k.replace("lora_A", "X") for k in state if ".lora_A." in k}
     b_keys = {k.replace("lora_B", "X") for k in state if ".lora_B." in k}
     assert a_keys == b_keys and len(a_keys) * 2 == len(state)
@@ -228,19 +235,25 @@ def test_lora_file_holds_only_unet_lora_weights(lcm_run):
 STOCK_LOADING = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
-    from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import LCMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
     teacher, out, family, prompt, dest = sys.argv[1:6]
-    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[family]
+    network = "transformer" if family == "sd3" else "unet"
+    if family == "sd3":  # the scheduler's file ships in scheduler/, as the model card shows
+        sys.path.insert(0, out + "/scheduler")
+        from scheduler_flow import FlowFewStepScheduler as LCMScheduler
     pipe = cls.from_pretrained(teacher)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = LCMScheduler.from_pretrained(out, subfolder="scheduler")
 
     def sample():
         generator = torch.Generator().manual_seed(0)
+        if family == "sd3":  # the stock SD3 pipeline passes no generator to scheduler.step: re-noising draws from this
+            pipe.scheduler.noise_generator = generator
         return pipe(prompt, num_inference_steps=4, guidance_scale=1.0, height=32, width=32, generator=generator,
                     output_type="np").images
 
@@ -250,10 +263,10 @@ STOCK_LOADING = textwrap.dedent("""
     np.save(dest + "/without_lora.npy", without_lora)
     np.save(dest + "/with_lora.npy", with_lora)
 
-    adapted = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
+    adapted = [m for m in getattr(pipe, network).modules() if isinstance(m, BaseTunerLayer)]
     adapters = sorted({a for m in adapted for a in m.active_adapters})
-    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=adapters[0])
-    stored = {k[len("unet."):]: v for k, v in load_file(out + "/pytorch_lora_weights.safetensors").items()}
+    loaded = get_peft_model_state_dict(getattr(pipe, network), adapter_name=adapters[0])
+    stored = {k[len(network) + 1:]: v for k, v in load_file(out + "/pytorch_lora_weights.safetensors").items()}
     mismatched = [k for k in stored if k not in loaded or not torch.equal(loaded[k].float(), stored[k].float())]
     print(json.dumps({
         "scheduler": type(pipe.scheduler).__name__,
@@ -318,9 +331,9 @@ def loaded(lcm_run, tmp_path_factory) -> Loaded:
     return Loaded(stock, folder, cwd)
 
 
-def test_stock_pipeline_loads_the_whole_lora(loaded):
+def test_stock_pipeline_loads_the_whole_lora(lcm_run, loaded):
     report = Loaded.report(loaded.stock)
-    assert report["scheduler"] == "LCMScheduler"
+    assert report["scheduler"] == SCHEDULERS[lcm_run.family]
     # Every LoRA pair in the file reached a module, with the stored values and the trained alpha / rank.
     assert report["adapted_modules"] == report["lora_A_keys"] > 0
     assert report["loaded_keys"] == 2 * report["lora_A_keys"]
@@ -338,7 +351,7 @@ def test_stock_pipeline_loads_the_whole_lora(loaded):
 def test_self_contained_pipeline_folder(lcm_run, loaded):
     report = Loaded.report(loaded.folder)
     assert report["class"] == PIPELINE_CLASSES[lcm_run.family]
-    assert report["scheduler"] == "LCMScheduler"
+    assert report["scheduler"] == SCHEDULERS[lcm_run.family]
     assert report["default_num_inference_steps"] == 4 and report["default_guidance_scale"] == 1.0
     # The code came from the folder, not from this repository.
     assert report["distill_imported"] == []
@@ -347,7 +360,7 @@ def test_self_contained_pipeline_folder(lcm_run, loaded):
     assert str(REPO) not in report["sys_path"] and "" in report["sys_path"]
     index = json.loads((lcm_run.out / "pipeline" / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_few_step", PIPELINE_CLASSES[lcm_run.family]]
-    assert index["scheduler"] == ["diffusers", "LCMScheduler"]
+    assert index["scheduler"] == SCHEDULER_ENTRIES[lcm_run.family]
 
     images = np.load(loaded.cwd / "folder.npz")
     for key in images.files:

@@ -19,7 +19,8 @@ from distill.conditioning import TextConditioner
 from distill.errors import DistillError
 from distill.export import student_scheduler
 from distill.methods import LatentBatch, RectifiedConfig, RectifiedDiffusion
-from distill.solvers import first_order_transfer, phase_noise
+from distill.schedule import FlowMatchingSchedule
+from distill.solvers import ddim_step, line_through
 from distill.testing import method_on_teacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,17 +51,48 @@ def move_off_teacher(method: RectifiedDiffusion) -> None:
 # ------------------------------------------------------------------------------------------ the math
 
 
+def first_order_transfer(schedule, x_t, eps, t, t_to):
+    """The test's own first-order ODE step x_to = alpha_to (x_t - sigma_t eps) / alpha_t + sigma_to eps (DDIM eq. 12);
+    t = -1 is the clean end."""
+    def coefficients(step):
+        step = step.view(-1, 1, 1, 1)
+        alpha = torch.where(step < 0, 1.0, schedule.alphas[step.clamp(min=0)])
+        return alpha, torch.where(step < 0, 0.0, schedule.sigmas[step.clamp(min=0)])
+
+    (alpha_t, sigma_t), (alpha_to, sigma_to) = coefficients(t), coefficients(t_to)
+    return alpha_to * (x_t - sigma_t * eps) / alpha_t + sigma_to * eps
+
+
 def test_first_order_ode_oracle(sd_teacher):
-    """On a known line x_t = alpha_t x0 + sigma_t eps: transfer lands on the line, phase_noise recovers eps."""
+    """On a known line x_t = alpha_t x0 + sigma_t eps: a DDIM step lands on the line, line_through recovers x0, eps."""
     method, _ = make_method(sd_teacher)
     schedule = method.teacher.schedule
     x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     t, s = torch.tensor([999, 500, 30]), torch.tensor([600, 249, -1])
     x_t = schedule.add_noise(x0, eps, t)
-    landed = first_order_transfer(schedule, x_t, eps, t, s)
+    landed = ddim_step(schedule, x0, eps, s)
     torch.testing.assert_close(landed[:2], schedule.add_noise(x0[:2], eps[:2], s[:2]))
     torch.testing.assert_close(landed[2], x0[2])  # t = -1 is the clean end
-    torch.testing.assert_close(phase_noise(schedule, x_t, landed, t, s), eps, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(landed, first_order_transfer(schedule, x_t, eps, t, s), atol=1e-5, rtol=1e-5)
+    line_x0, line_eps = line_through(schedule, x_t, landed, t, s)
+    torch.testing.assert_close(line_eps, eps, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(line_x0, x0, atol=1e-4, rtol=1e-4)
+
+
+def test_line_through_a_flow_teachers_pure_noise_end():
+    """On a flow-matching teacher sigma_{T-1} = 1 (alpha 0): the line through x_{T-1} = eps and a later point is still
+    found, where the division by alpha of Delta(x / alpha) / Delta(sigma / alpha) would give nan."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    schedule = FlowMatchingSchedule.from_scheduler_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    assert float(schedule.alphas[999]) == 0.0
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t, s = torch.tensor([999, 999]), torch.tensor([499, -1])
+    x_t = schedule.add_noise(x0, eps, t)
+    torch.testing.assert_close(x_t, eps)
+    line_x0, line_eps = line_through(schedule, x_t, ddim_step(schedule, x0, eps, s), t, s)
+    torch.testing.assert_close(line_x0, x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(line_eps, eps, atol=1e-5, rtol=1e-5)
 
 
 def test_exported_ddim_step_is_the_training_solver(sd_teacher):
@@ -148,7 +180,9 @@ def test_phased_loss_by_hand(sd_teacher):
             s = s - 250
         unet.enable_adapters()
         x_end = x
-        line_eps = phase_noise(schedule, x_start, x_end, upper, lower)
+        alpha_s, sigma_s = schedule.alphas[upper].view(-1, 1, 1, 1), schedule.sigmas[upper].view(-1, 1, 1, 1)
+        alpha_e, sigma_e = schedule.alphas[lower].view(-1, 1, 1, 1), schedule.sigmas[lower].view(-1, 1, 1, 1)
+        line_eps = (x_end / alpha_e - x_start / alpha_s) / (sigma_e / alpha_e - sigma_s / alpha_s)
         x_t = first_order_transfer(schedule, x_start, line_eps, upper, t)
         eps_hat = unet(x_t, t, encoder_hidden_states=batch.cond.prompt_embeds).sample
         prediction = first_order_transfer(schedule, x_t, eps_hat, t, lower)

@@ -24,6 +24,27 @@ class SamplingSpec:
     scheduler_config: dict = field(default_factory=dict)  # overrides on top of the teacher's scheduler config
 
 
+# How each sampler of a DDPM student carries over to a student of a flow-matching teacher: the same rule on the same
+# timestep grid, done by pipelines/scheduler_flow.py's FlowFewStepScheduler on the teacher's sigmas.
+FLOW_SAMPLERS = {
+    "LCMScheduler": {"sampler": "consistency", "timestep_spacing": "lcm"},
+    "PCMScheduler": {"sampler": "ode", "timestep_spacing": "phases"},
+    "DDIMScheduler": {"sampler": "ode", "timestep_spacing": "trailing"},
+}
+FLOW_KEPT_SETTINGS = ("original_inference_steps", "timestep_scaling")
+
+
+def on_flow_teacher(spec: SamplingSpec) -> SamplingSpec:
+    """``spec`` for a student of a flow-matching teacher: FlowFewStepScheduler with the same rule and grid."""
+    if spec.scheduler not in FLOW_SAMPLERS:
+        raise ValueError(f"no flow-matching counterpart of {spec.scheduler}")
+    settings = {k: v for k, v in spec.scheduler_config.items() if k in FLOW_KEPT_SETTINGS}
+    if spec.scheduler == "DDIMScheduler":  # trailing spacing on all training timesteps
+        settings["original_inference_steps"] = 1000
+    return SamplingSpec("FlowFewStepScheduler", spec.num_inference_steps, spec.guidance_scale,
+                        {**FLOW_SAMPLERS[spec.scheduler], **settings})
+
+
 @dataclass
 class Teacher:
     """What a method gets from the trainer: the teacher's UNet (to become the student), its schedule and family."""
@@ -79,6 +100,11 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def export_defaults(self) -> SamplingSpec:
         """The scheduler, steps and guidance the exported student samples with."""
+
+    def sampling(self) -> SamplingSpec:
+        """``export_defaults`` for this teacher's family (a flow-matching teacher samples on its own sigmas)."""
+        spec = self.export_defaults()
+        return on_flow_teacher(spec) if self.teacher.info.family_spec.flow_matching else spec
 
     @classmethod
     def data_kind_for(cls, config) -> str:

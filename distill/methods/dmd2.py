@@ -22,13 +22,15 @@ live in ``distill.score_distillation``, the sampler in ``distill.renoising``, th
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..conditioning import Cond
-from ..discriminator import BottleneckClassifier, adapter_bottleneck, capture_bottleneck
+from ..discriminator import BottleneckClassifier, adapter_bottleneck, capture_bottleneck, require_unet_encoder
 from ..errors import DistillError
 from ..lora import LoRASettings
 from ..losses import distance, score_distillation_surrogate
@@ -46,6 +48,10 @@ REFERENCE_DEFAULTS = {
            "num_denoising_step": 1},
     "sdxl": {"real_guidance_scale": 8.0, "dfake_gen_update_ratio": 5, "gen_cls_loss_weight": 5e-3,
              "num_denoising_step": 4},
+    # No reference run: SDXL's settings, the guidance of diffusers' SD3 pipeline (7.0), and no GAN term, whose
+    # classifier reads a UNet's bottleneck.
+    "sd3": {"real_guidance_scale": 7.0, "dfake_gen_update_ratio": 5, "gen_cls_loss_weight": 0.0,
+            "num_denoising_step": 4},
 }
 
 
@@ -154,6 +160,12 @@ class DMD2Config(LoRASettings):
             raise DistillError(f"--diffusion_gan_max_timestep ({self.diffusion_gan_max_timestep}) cannot exceed the "
                                f"teacher's {num_train_timesteps} training timesteps.")
 
+    def check_against_family(self, family) -> None:
+        """The GAN term's classifier needs a UNet teacher (called before any weights load)."""
+        if self.for_family(family.name).gan:
+            require_unet_encoder(family, "DMD2's GAN classifier (--gen_cls_loss_weight)",
+                                 "Pass --gen_cls_loss_weight 0.")
+
     def for_family(self, family: str) -> "DMD2Config":
         """This configuration with every value left to the reference filled in for ``family``."""
         if family not in REFERENCE_DEFAULTS:
@@ -179,6 +191,7 @@ class DMD2(Method):
         return "images" if config.gan or not config.backward_simulation else "prompts"
 
     def __init__(self, teacher: Teacher, config: DMD2Config):
+        config.check_against_family(teacher.info.family_spec)
         config = config.for_family(teacher.info.family)
         config.check_against_teacher(teacher.schedule.num_train_timesteps)
         super().__init__(teacher, config)
@@ -306,7 +319,8 @@ class DMD2(Method):
                 x_t, t_cls = self.classifier_input(sample)
                 rows.append(x_t), steps.append(t_cls), conds.append(batch.cond)
         fake_score = self.denoiser("fake_score")
-        with capture_bottleneck(getattr(fake_score.module, "unet", fake_score.module)) as bottleneck:
+        network = getattr(fake_score.module, "unet", fake_score.module)
+        with capture_bottleneck(network) if self.config.gan else contextlib.nullcontext() as bottleneck:
             _, eps_fake = fake_score(torch.cat(rows), torch.cat(steps), Cond.cat(conds))
         loss = distance(eps_fake[:batch_size], eps, "l2")
         if self.config.gan:

@@ -29,7 +29,7 @@ from ..errors import DistillError
 from ..lora import LoRASettings
 from ..losses import DistanceSettings, distance
 from ..schedule import ddim_timesteps, phase_edges
-from ..solvers import cfg_teacher_prediction, check_fits_teacher, first_order_transfer, phase_noise
+from ..solvers import cfg_teacher_prediction, check_fits_teacher, ddim_step, line_through
 from .base import LatentBatch, Method, SamplingSpec, Teacher
 
 VARIANTS = ("pairs", "phased", "consistency")
@@ -159,8 +159,8 @@ class RectifiedDiffusion(Method):
         x, t = x_start, upper
         with self.teacher_denoiser() as teacher:
             for _ in range(self.steps_per_phase):
-                _, eps = cfg_teacher_prediction(teacher, x, t, batch.cond, batch.uncond, w)
-                x = first_order_transfer(schedule, x, eps, t, t - self.skip)
+                x0, eps = cfg_teacher_prediction(teacher, x, t, batch.cond, batch.uncond, w)
+                x = ddim_step(schedule, x0, eps, t - self.skip)
                 t = t - self.skip
         return x
 
@@ -192,13 +192,13 @@ class RectifiedDiffusion(Method):
         x_start = self.teacher.schedule.add_noise(latents, torch.randn_like(latents), upper)
         # 3. Solve the CFG teacher's ODE online from s_m to s_{m-1} (DDIM on the skipping-step grid).
         x_end = self.teacher_phase_solve(x_start, upper, batch)
-        # 4. The line joining the two ends: its noise eps = Delta(x / alpha) / Delta(sigma / alpha) ...
-        eps = phase_noise(self.teacher.schedule, x_start, x_end, upper, lower)
+        # 4. The line joining the two ends: its noise eps = Delta(x / alpha) / Delta(sigma / alpha) and its x0 ...
+        x0_line, eps = line_through(self.teacher.schedule, x_start, x_end, upper, lower)
         # 5. ... and the point of that line at t.
-        x_t = first_order_transfer(self.teacher.schedule, x_start, eps, upper, t)
-        # 6. The student's eps prediction, followed along its own first-order ODE to the lower edge.
-        _, eps_hat = self.denoiser()(x_t, t, batch.cond)
-        prediction = first_order_transfer(self.teacher.schedule, x_t, eps_hat, t, lower)
+        x_t = ddim_step(self.teacher.schedule, x0_line, eps, t)
+        # 6. The student's prediction, followed along its own first-order ODE to the lower edge.
+        x0_hat, eps_hat = self.denoiser()(x_t, t, batch.cond)
+        prediction = ddim_step(self.teacher.schedule, x0_hat, eps_hat, lower)
         # 7. Distance to the teacher's end of the phase.
         return distance(prediction, x_end, self.config.loss_type, self.config.huber_c)
 
@@ -210,7 +210,7 @@ class RectifiedDiffusion(Method):
         t_start, t_prev = self.sample_grid_pair(x0_hat.shape[0], x0_hat.device)
         # 2. Both points lie on the pair's line x_t = alpha_t x0_hat + sigma_t eps: the exact ODE step.
         x_start = schedule.add_noise(x0_hat, eps, t_start)
-        x_prev = first_order_transfer(schedule, x_start, eps, t_start, t_prev)
+        x_prev = ddim_step(schedule, x0_hat, eps, t_prev)
         # 3. The student's consistency function (its x0 prediction) at t_{n+k}.
         prediction = self.student_x0(x_start, t_start, batch.cond)
         with torch.no_grad():

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..conditioning import Cond
-from ..discriminator import DiscriminatorHeads, TrainedEncoderDiscriminator, encoder_modules, teacher_features
+from ..discriminator import (DiscriminatorHeads, TrainedEncoderDiscriminator, encoder_modules, require_unet_encoder,
+                             teacher_features)
 from ..ema import EMASettings
 from ..errors import DistillError
 from ..lora import LoRASettings
@@ -82,6 +83,11 @@ class UFOGenConfig(EMASettings, LoRASettings):
         """The K-point chain must fit the teacher's T training timesteps (called before any weights load)."""
         check_fits_teacher("num_denoising_steps", self.num_denoising_steps, num_train_timesteps)
 
+    def check_against_family(self, family) -> None:
+        """UFOGen's discriminator needs a UNet teacher (called before any weights load)."""
+        require_unet_encoder(family, "UFOGen's diffusion-GAN discriminator",
+                             "Distil this teacher with lcm, pcm, rectified, swiftbrush or dmd2.")
+
 
 class UFOGen(Method):
     """A LoRA generator x0' = G_theta(x_t, t) trained against a diffusion-GAN discriminator on the UNet's encoder."""
@@ -92,6 +98,7 @@ class UFOGen(Method):
     def __init__(self, teacher: Teacher, config: UFOGenConfig):
         super().__init__(teacher, config)
         num_train_timesteps = teacher.schedule.num_train_timesteps
+        config.check_against_family(teacher.info.family_spec)
         config.check_against_teacher(num_train_timesteps)
         self.gap = num_train_timesteps // config.num_denoising_steps
         heads = DiscriminatorHeads.from_unet_config(teacher.unet.config).to(teacher.unet.device)
