@@ -1,9 +1,11 @@
-"""Derived GPU memory per method, SD1.5 and SDXL: .venv/bin/python benchmarks/gpu_memory.py --out docs/gpu_memory.md"""
+"""Derived GPU memory per method, SD1.5, SDXL, SD3.5 and FLUX.1-dev: .venv/bin/python benchmarks/gpu_memory.py --out
+docs/gpu_memory.md"""
 
 from __future__ import annotations
 
 import argparse
 import re
+from functools import partial
 from pathlib import Path
 
 import diffusers
@@ -13,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from distill.discriminator import BottleneckClassifier, DiscriminatorHeads, unet_encoder_features
-from distill.families import SD, SDXL, UNET_LORA_TARGETS
+from distill.families import SD, SD3, SDXL, TRANSFORMER_LORA_TARGETS, UNET_LORA_TARGETS
 from distill.lora import add_lora
 
 GIB, RANK, CHECKPOINT = 2**30, 64, torch.utils.checkpoint.checkpoint
@@ -32,11 +34,29 @@ CLIP_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, int
               projection_dim=768, hidden_act="quick_gelu")
 CLIP_BIGG = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
                  projection_dim=1280, hidden_act="gelu")
+# The flow-matching transformers at 1024 px, from transformer/config.json of stabilityai/stable-diffusion-3.5-large,
+# stabilityai/stable-diffusion-3.5-medium and black-forest-labs/FLUX.1-dev.
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+SD35_MEDIUM = {**SD35_LARGE, "num_layers": 24, "num_attention_heads": 24, "caption_projection_dim": 1536,
+               "dual_attention_layers": tuple(range(13)), "pos_embed_max_size": 384}
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+# Their VAE (16 latent channels, no quant convs) and T5-XXL's encoder (SD3.5's text_encoder_3, FLUX's text_encoder_2).
+VAE_16 = {**VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+T5_XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128,
+              feed_forward_proj="gated-gelu")
+# FLUX.1-dev at 1024 px as FluxPipeline calls it: the 16x128x128 latents packed into 64x64 tokens of 2x2x16 values,
+# 512 T5 tokens, guidance 3.5.
+FLUX_LATENT_SIDE, FLUX_T5_TOKENS = 128, 512
 # Ops CUDA autocast runs in bf16 / in fp32 (aten/src/ATen/autocast_mode.cpp), as far as these networks call them.
-LOWER = {"linear", "conv2d", "matmul", "mm", "bmm", "baddbmm", "addmm", "einsum"}
-FP32 = {"group_norm", "layer_norm", "exp", "log", "pow", "__pow__", "rsqrt", "softplus", "softmax", "mse_loss"}
+LOWER = {"linear", "conv2d", "matmul", "mm", "bmm", "baddbmm", "addmm", "einsum", "scaled_dot_product_attention"}
+FP32 = {"group_norm", "layer_norm", "rms_norm", "exp", "log", "pow", "__pow__", "rsqrt", "softplus", "softmax",
+        "mse_loss"}
 # Per method: its trainable groups, the graphs it keeps until its first backward (the trainer computes every loss
-# first) as (curve, rows per sample), and the most rows of its no-gradient UNet calls (CFG: 2; real + fake score: 3).
+# first) as (curve, rows per sample), and the most rows of its no-gradient calls (CFG: 2; real + fake score: 3).
 METHODS = {
     "lcm, pcm, rectified (phased)": (("lora",), (("unet", 1),), 2),
     "rectified (pairs, consistency)": (("lora",), (("unet", 1),), 1),
@@ -47,6 +67,16 @@ METHODS = {
     "dmd2": (("lora", "lora", "classifier"), (("unet", 1), ("plain frozen encoder", 1),
                                               ("unet", 3), ("classifier", 2), ("classifier", 1)), 3),
 }
+# The methods that run on a transformer teacher (sd3), with METHODS' accounting: ufogen (its discriminator reads a UNet
+# encoder) and pcm's adversarial term do not; dmd2 runs without its GAN classifier (its sd3 default), its fake score
+# on the score-matching rows alone.
+TRANSFORMER_METHODS = {**{m: METHODS[m] for m in ("lcm, pcm, rectified (phased)", "rectified (pairs, consistency)",
+                                                  "swiftbrush")},
+                       "dmd2 (no GAN term)": (("lora", "lora"), (("unet", 1), ("unet", 1)), 3)}
+OVERHEAD = ("Not included above (an assumption, not derived): the CUDA context, about 1 GiB per process, and the "
+            "caching allocator's fragmentation, some 10 %: plan for total x 1.1 + 1 GiB.")
+FLUX_NOTE = ("FLUX.1-dev is not yet supported by the trainer: its rows are the same accounting applied to it (the "
+             "teacher's CFG rows included, where its guidance embedding would need one). " + OVERHEAD)
 LABELS = {"lora": "LoRA, rank 64 (one adapter)", "encoder lora": "ufogen: discriminator LoRA (encoder modules)",
           "heads": "pcm, ufogen: discriminator heads", "classifier": "dmd2: bottleneck classifier"}
 
@@ -60,14 +90,11 @@ class GpuKernels(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name, kwargs = getattr(func, "__name__", ""), kwargs or {}
-        if name == "scaled_dot_product_attention":  # q, k, v, out and an fp32 logsumexp kept, no attention matrix
-            assert kwargs.get("attn_mask") is None and not kwargs.get("is_causal") and not kwargs.get("dropout_p")
-            cuda = args[0].is_cuda  # CUDA's kernel also keeps a 24-byte random state
-            flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention" + ("" if cuda else "_for_cpu"))
-            return flash(*args[:3])[0]
         if self.autocast and (name in LOWER or name in FP32):
             dtype = torch.bfloat16 if name in LOWER else torch.float32
             args, kwargs = tree_map(lambda a: self.cast(a, dtype), (args, kwargs))
+        if name == "scaled_dot_product_attention":
+            return flash_attention(*args, **kwargs)
         return func(*args, **kwargs)
 
     def cast(self, a, dtype: torch.dtype):
@@ -79,6 +106,14 @@ class GpuKernels(TorchFunctionMode):
         if id(a) not in self.cache:
             self.cache[id(a)] = a.to(dtype)
         return self.cache[id(a)]
+
+
+def flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA as CUDA's flash kernel runs it: q, k, v, out and an fp32 logsumexp kept, no attention matrix."""
+    assert attn_mask is None and not is_causal and not dropout_p and not enable_gqa
+    cuda = query.is_cuda  # CUDA's kernel also keeps a 24-byte random state
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention" + ("" if cuda else "_for_cpu"))
+    return flash(query, key, value, scale=scale)[0]
 
 
 class SavedBytes:
@@ -111,22 +146,34 @@ def non_reentrant_checkpoint(function, *args, use_reentrant=None, **kwargs):
     return CHECKPOINT(function, *args, use_reentrant=False, **kwargs)
 
 
+def build_network(config: dict, network: str, targets: tuple[str, ...], device: str = "meta", factory=None,
+                  rank: int = RANK) -> torch.nn.Module:
+    """The diffusers ``network`` in bf16 with the toolkit's student LoRA on ``targets`` (fp32, as
+    cast_training_params leaves it)."""
+    with torch.device(device):
+        net = factory() if factory else getattr(diffusers, network)(**config)
+        net.to(torch.bfloat16)
+        for p in add_lora(net, targets, rank=rank):
+            p.data = p.data.float()
+    return net
+
+
 def build_unet(config: dict, device: str = "meta", factory=None, rank: int = RANK) -> torch.nn.Module:
     """The UNet in bf16 with the toolkit's student LoRA (fp32, as cast_training_params leaves it)."""
-    from diffusers import UNet2DConditionModel
+    return build_network(config, "UNet2DConditionModel", UNET_LORA_TARGETS, device, factory, rank)
 
-    with torch.device(device):
-        unet = factory() if factory else UNet2DConditionModel(**config)
-        unet.to(torch.bfloat16)
-        for p in add_lora(unet, UNET_LORA_TARGETS, rank=rank):
-            p.data = p.data.float()
-    return unet
+
+def is_transformer(net) -> bool:
+    """Whether ``net`` is a flow-matching transformer (SD3, FLUX) rather than a UNet."""
+    return "joint_attention_dim" in net.config
 
 
 def inputs(unet, rows: int, device: str) -> tuple:
-    """(latents, timesteps, UNet keyword arguments) for ``rows`` samples, in bf16 as the Denoiser passes them."""
+    """(latents, timesteps, the other keyword arguments) for ``rows`` samples, in bf16 as the Denoiser passes them."""
     g, c = torch.Generator().manual_seed(0), unet.config
     make = lambda *shape: torch.randn(*shape, generator=g).to(device, torch.bfloat16)  # noqa: E731
+    if is_transformer(unet):
+        return transformer_inputs(c, rows, device, make)
     kwargs = {"encoder_hidden_states": make(rows, 77, c.cross_attention_dim)}
     if c.addition_embed_type == "text_time":
         pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
@@ -134,10 +181,31 @@ def inputs(unet, rows: int, device: str) -> tuple:
     return make(rows, c.in_channels, c.sample_size, c.sample_size), torch.full((rows,), 999, device=device), kwargs
 
 
-def measure(unet, rows: int, part: str = "unet", ckpt: str = "record", adapter: bool = True, train: bool = True,
+def transformer_inputs(c, rows: int, device: str, make) -> tuple:
+    """SD3: latents and 77 CLIP + 256 T5 tokens; FLUX: packed 2x2 latent patches, 512 T5 tokens, ids and guidance
+    (timesteps and guidance in fp32, as the pipelines pass them)."""
+    full = lambda value: torch.full((rows,), value, device=device)  # noqa: E731
+    if "axes_dims_rope" not in c:  # SD3
+        kwargs = {"encoder_hidden_states": make(rows, 77 + SD3.conditioner.max_sequence_length, c.joint_attention_dim),
+                  "pooled_projections": make(rows, c.pooled_projection_dim)}
+        return make(rows, c.in_channels, c.sample_size, c.sample_size), full(999.0), kwargs
+    tokens = (FLUX_LATENT_SIDE // 2) ** 2
+    ids = lambda n: torch.zeros(n, 3, device=device, dtype=torch.bfloat16)  # noqa: E731
+    kwargs = {"encoder_hidden_states": make(rows, FLUX_T5_TOKENS, c.joint_attention_dim),
+              "pooled_projections": make(rows, c.pooled_projection_dim), "img_ids": ids(tokens),
+              "txt_ids": ids(FLUX_T5_TOKENS), "guidance": full(3.5)}
+    return make(rows, tokens, c.in_channels), full(0.999), kwargs
+
+
+def forward(net, x: torch.Tensor, t: torch.Tensor, kwargs: dict):
+    """One call of the network: a UNet's (sample, timestep, ...), a transformer's by keyword (hidden_states, ...)."""
+    return net(hidden_states=x, timestep=t, **kwargs) if is_transformer(net) else net(x, t, **kwargs)
+
+
+def measure(unet, rows: int, part: str = "network", ckpt: str = "record", adapter: bool = True, train: bool = True,
             input_grad: bool = False, autocast: bool = True, head=None, full: bool = False) -> tuple[int, int]:
-    """(bytes kept for backward, largest block's) of one forward of the UNet or its encoder half (into ``head``);
-    ``full``: every UNet weight trains (a full student), else the LoRA alone."""
+    """(bytes kept for backward, largest block's) of one forward of the network (UNet or transformer) or a UNet's
+    encoder half (into ``head``); ``full``: every network weight trains (a full student), else the LoRA alone."""
     device = next(unet.parameters()).device.type
     x, t, kwargs = inputs(unet, rows, device)
     x.requires_grad_(input_grad)
@@ -152,8 +220,8 @@ def measure(unet, rows: int, part: str = "unet", ckpt: str = "record", adapter: 
     hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t)
     try:
         with hooks, GpuKernels(autocast and device != "cuda"):  # fake CUDA tensors: torch's own autocast
-            if part == "unet":
-                unet(x, t, **kwargs)
+            if part == "network":
+                forward(unet, x, t, kwargs)
             else:  # as the discriminators run it: down and mid blocks, no checkpointing
                 features = unet_encoder_features(unet, x, t, **kwargs)
                 if head is not None:
@@ -169,31 +237,51 @@ def curve(f):
     return lambda rows: tuple(a + (rows - 1) * (b - a) for a, b in zip(one, two))
 
 
-def count(module: torch.nn.Module, only=lambda name: True) -> int:
-    """The exact number of parameters (of those whose name passes ``only``)."""
-    return sum(p.numel() for n, p in module.named_parameters() if only(n))
+def count(module: torch.nn.Module, only=lambda name: True, buffers: bool = False) -> int:
+    """The exact number of parameters (of those whose name passes ``only``); ``buffers``: with the persistent
+    buffers, which the weight file holds and the GPU too (SD3's positional-embedding table)."""
+    named = module.state_dict(keep_vars=True).items() if buffers else module.named_parameters()
+    return sum(p.numel() for n, p in named if only(n))
+
+
+def text_encoder(cls: str, config: dict) -> torch.nn.Module:
+    """The transformers text encoder ``cls`` ("CLIPTextModel", "T5EncoderModel", ...) built from ``config``."""
+    import transformers
+
+    model = getattr(transformers, cls)
+    return model(model.config_class(**config))
+
+
+def teacher(net: torch.nn.Module, label: str, vae: dict, encoders: list[tuple[str, dict]], vae_fp32: bool,
+            **more: int) -> tuple[dict, dict]:
+    """(exact parameter counts, frozen weight bytes as loaded) of the network ``label`` with its LoRA, ``more``
+    (counted after the LoRA), the VAE and the text encoders, on the meta device; all in bf16 but an fp32 VAE."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        frozen = {"VAE": count(AutoencoderKL(**vae)), "text encoders": sum(count(text_encoder(*e)) for e in encoders)}
+    n = {label: count(net, lambda k: "lora_" not in k, buffers=is_transformer(net)),
+         "lora": count(net, lambda k: "lora_" in k), **more, **frozen}
+    return n, {label: 2 * n[label], "VAE": (4 if vae_fp32 else 2) * n["VAE"], "text encoders": 2 * n["text encoders"]}
+
+
+def lora_curves(net: torch.nn.Module) -> dict:
+    """The activation curves of the network whose LoRA trains (the graph "unet"), checkpointing on and off."""
+    return {"unet on": curve(lambda r: measure(net, r, ckpt="on")), "unet off": curve(lambda r: measure(net, r))}
 
 
 def family(unet_config: dict, encoders: list[dict], vae_fp32: bool) -> dict:
-    """Parameter counts, frozen weight bytes and activation curves of one teacher family, on the meta device."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
+    """Parameter counts, frozen weight bytes and activation curves of one UNet teacher family, on the meta device."""
     unet = build_unet(unet_config)
     with torch.device("meta"):
-        vae = AutoencoderKL(**VAE)
-        texts = [(CLIPTextModelWithProjection if i else CLIPTextModel)(CLIPTextConfig(**cfg))
-                 for i, cfg in enumerate(encoders)]
         heads = DiscriminatorHeads.from_unet_config(unet.config)
         classifier = BottleneckClassifier.from_unet_config(unet.config, unet.config.sample_size)
-    n = {"UNet": count(unet, lambda k: "lora_" not in k), "lora": count(unet, lambda k: "lora_" in k),
-         "encoder lora": count(unet, lambda k: "lora_" in k and k.startswith(("down_blocks.", "mid_block."))),
-         "VAE": count(vae), "text encoders": sum(map(count, texts)), "heads": count(heads),
-         "classifier": count(classifier)}
-    weights = {"UNet": 2 * n["UNet"], "VAE": (4 if vae_fp32 else 2) * n["VAE"], "text encoders": 2 * n["text encoders"]}
+    clips = [("CLIPTextModelWithProjection" if i else "CLIPTextModel", cfg) for i, cfg in enumerate(encoders)]
+    encoder_lora = count(unet, lambda k: "lora_" in k and k.startswith(("down_blocks.", "mid_block.")))
+    n, weights = teacher(unet, "UNet", VAE, clips, vae_fp32, **{"encoder lora": encoder_lora})
+    n.update(heads=count(heads), classifier=count(classifier))
     frozen = dict(part="encoder", train=False, input_grad=True)
-    curves = {"unet on": curve(lambda r: measure(unet, r, ckpt="on")), "unet off": curve(lambda r: measure(unet, r)),
-              "unet full on": curve(lambda r: measure(unet, r, ckpt="on", full=True)),
+    curves = {**lora_curves(unet), "unet full on": curve(lambda r: measure(unet, r, ckpt="on", full=True)),
               "unet full off": curve(lambda r: measure(unet, r, full=True)),
               "teacher encoder": curve(lambda r: measure(unet, r, **frozen, adapter=False, autocast=False)),
               "frozen encoder": curve(lambda r: measure(unet, r, **frozen)),
@@ -204,10 +292,19 @@ def family(unet_config: dict, encoders: list[dict], vae_fp32: bool) -> dict:
     return {"counts": n, "weights": weights, "curves": curves}
 
 
+def transformer_family(network: str, config: dict, encoders: list[tuple[str, dict]], vae_fp32: bool) -> dict:
+    """Parameter counts, frozen weight bytes and LoRA activation curves of a flow-matching transformer teacher, on
+    the meta device (the LoRA on TRANSFORMER_LORA_TARGETS, as for the sd3 family)."""
+    net = build_network(config, network, TRANSFORMER_LORA_TARGETS)
+    n, weights = teacher(net, "transformer", VAE_16, encoders, vae_fp32)
+    return {"counts": n, "weights": weights, "curves": lora_curves(net)}
+
+
 def activations(fam: dict, graphs, nograd_rows: int, batch: int, ckpt: bool) -> int:
     """Bytes the graphs keep at ``batch``, plus one block's transient (recomputed, or live in a no-gradient call).
 
-    A graph named "unet" is a UNet whose LoRA trains, "unet full" one whose every weight trains (a full student)."""
+    A graph named "unet" is the denoiser network (a UNet or a transformer) whose LoRA trains, "unet full" one whose
+    every weight trains (a full student)."""
     c, total, transient = fam["curves"], 0, fam["curves"]["unet off"](nograd_rows * batch)[1]
     for name, k in graphs:
         if name.startswith("unet"):
@@ -234,17 +331,19 @@ def fake_cuda(unet: torch.nn.Module):
     return unet, mode
 
 
-def tiny_check() -> list[str]:
-    """The accounting on the tiny SD teacher: real CPU tensors, meta, and fake CUDA tensors under torch's autocast."""
-    from distill.testing import tiny_unet
+UNET_CASES = {"UNet, checkpointing on": dict(ckpt="on"), "UNet, checkpointing off": dict(ckpt="off"),
+              "largest block, checkpointing off": {}, "encoder half, trained LoRA": dict(part="encoder"),
+              "encoder half, teacher, no autocast": dict(part="encoder", train=False, input_grad=True, adapter=False,
+                                                         autocast=False)}
+TRANSFORMER_CASES = {"transformer, checkpointing on": dict(ckpt="on"),
+                     "transformer, checkpointing off": dict(ckpt="off"), "largest block, checkpointing off": {}}
 
-    make = lambda: tiny_unet(sdxl=False, cross_attention_dim=32, seed=0)  # noqa: E731
-    cpu, meta = build_unet({}, "cpu", make, rank=8), build_unet({}, "meta", make, rank=8)
-    cuda, mode = fake_cuda(build_unet({}, "meta", make, rank=8))
-    cases = {"UNet, checkpointing on": dict(ckpt="on"), "UNet, checkpointing off": dict(ckpt="off"),
-             "largest block, checkpointing off": {}, "encoder half, trained LoRA": dict(part="encoder"),
-             "encoder half, teacher, no autocast": dict(part="encoder", train=False, input_grad=True, adapter=False,
-                                                        autocast=False)}
+
+def tiny_check(build, cases: dict) -> list[str]:
+    """The accounting on a tiny network ``build(device)`` makes: real CPU tensors, meta, and fake CUDA tensors under
+    torch's autocast."""
+    cpu, meta = build("cpu"), build("meta")
+    cuda, mode = fake_cuda(build("meta"))
     lines = ["| kept for backward, batch 2 (bytes) | real CPU tensors | meta | fake CUDA, torch's autocast |",
              "|---|---|---|---|"]
     for name, kwargs in cases.items():
@@ -260,6 +359,18 @@ def tiny_check() -> list[str]:
     return lines
 
 
+def tiny_checks() -> list[str]:
+    """Markdown: ``tiny_check`` on the tiny SD teacher's UNet and the tiny SD3 teacher's transformer, LoRA rank 8."""
+    from distill.testing import tiny_sd3_transformer, tiny_unet
+
+    unet = partial(build_network, {}, "UNet2DConditionModel", UNET_LORA_TARGETS, rank=8,
+                   factory=partial(tiny_unet, sdxl=False, cross_attention_dim=32, seed=0))
+    sd3 = partial(build_network, {}, SD3.network_class, TRANSFORMER_LORA_TARGETS, factory=tiny_sd3_transformer, rank=8)
+    return (["The meta path against real tensors (tiny SD teacher, LoRA rank 8):", ""] + tiny_check(unet, UNET_CASES)
+            + ["", "The same on the tiny SD3 teacher's transformer (LoRA rank 8):", ""]
+            + tiny_check(sd3, TRANSFORMER_CASES))
+
+
 def method_gib(f: dict, groups, graphs, nograd: int, ckpt: bool) -> list[str]:
     """GiB of: frozen weights, trainable + grads + AdamW, activations, total (batch 1), activations per extra sample."""
     weights, trainable = sum(f["weights"].values()), 16 * sum(f["counts"][g] for g in groups)
@@ -268,9 +379,9 @@ def method_gib(f: dict, groups, graphs, nograd: int, ckpt: bool) -> list[str]:
     return [f"{x / GIB:.{2 if i == 4 else 1}f}" for i, x in enumerate(values)]
 
 
-def tables(families: dict) -> list[str]:
-    """Markdown: exact parameter counts, per-method GiB with gradient checkpointing on, then off."""
-    out = ["| parameters (bytes as loaded) | " + " | ".join(families) + " |", "|---|---|---|"]
+def tables(families: dict, methods: dict, note: str) -> list[str]:
+    """Markdown: exact parameter counts, per-method GiB with gradient checkpointing on, ``note``, then off."""
+    out = ["| parameters (bytes as loaded) | " + " | ".join(families) + " |", "|" + "---|" * (1 + len(families))]
     for key in next(iter(families.values()))["counts"]:
         out.append(f"| {LABELS.get(key, key)} | " + " | ".join(f"{f['counts'][key]:,}" + (
             f" ({f['weights'][key] / GIB:.2f} GiB)" if key in f["weights"] else "") for f in families.values()) + " |")
@@ -278,13 +389,11 @@ def tables(families: dict) -> list[str]:
         out += ["", f"{name}, batch 1 per GPU, gradient checkpointing on (GiB):", "",
                 "| method | frozen weights | trainable + grads + AdamW | activations | total | + per extra sample |",
                 "|---|---|---|---|---|---|"]
-        out += [f"| {m} | " + " | ".join(method_gib(f, *spec, True)) + " |" for m, spec in METHODS.items()]
-    out += ["", "Not included above (an assumption, not derived): the CUDA context, about 1 GiB per process, and the "
-            "caching allocator's fragmentation, some 10 %: plan for total x 1.1 + 1 GiB.", "",
-            "Gradient checkpointing off, batch 1 per GPU (GiB; weights and trainable as above):", "",
+        out += [f"| {m} | " + " | ".join(method_gib(f, *spec, True)) + " |" for m, spec in methods.items()]
+    out += ["", note, "", "Gradient checkpointing off, batch 1 per GPU (GiB; weights and trainable as above):", "",
             "| method | " + " | ".join(f"{n}: activations | total | + per extra sample" for n in families) + " |",
             "|---|" + "---|" * 3 * len(families)]
-    for m, spec in METHODS.items():
+    for m, spec in methods.items():
         cells = [cell for f in families.values() for cell in method_gib(f, *spec, False)[2:]]
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     return out
@@ -295,10 +404,18 @@ def main() -> None:
     parser.add_argument("--out", help="markdown file whose generated section is replaced (created if missing)")
     args = parser.parse_args()
     diffusers.utils.logging.set_verbosity_error()  # its note on casting a UNet with .to(), 5 times over
-    families = {"SD1.5 512 px": family(SD15_UNET, [CLIP_L], SD.vae_fp32),
-                "SDXL 1024 px": family(SDXL_UNET, [CLIP_L, CLIP_BIGG], SDXL.vae_fp32)}
-    text = "\n".join(tables(families) + ["", "The meta path against real tensors (tiny SD teacher, LoRA rank 8):", ""]
-                     + tiny_check())
+    unets = {"SD1.5 512 px": family(SD15_UNET, [CLIP_L], SD.vae_fp32),
+             "SDXL 1024 px": family(SDXL_UNET, [CLIP_L, CLIP_BIGG], SDXL.vae_fp32)}
+    sd3_encoders = list(zip(SD3.conditioner.encoder_classes, (CLIP_L, CLIP_BIGG, T5_XXL), strict=True))
+    transformers = {
+        "SD3.5-medium 1024 px": transformer_family(SD3.network_class, SD35_MEDIUM, sd3_encoders, SD3.vae_fp32),
+        "SD3.5-large 1024 px": transformer_family(SD3.network_class, SD35_LARGE, sd3_encoders, SD3.vae_fp32),
+        "FLUX.1-dev 1024 px": transformer_family("FluxTransformer2DModel", FLUX_DEV,
+                                                 [("CLIPTextModel", CLIP_L), ("T5EncoderModel", T5_XXL)], False)}
+    title = ("Flow-matching transformer teachers (the sd3 family: no ufogen, no pcm --adv_weight > 0, dmd2 without "
+             "its GAN classifier; FLUX.1-dev: not yet supported by the trainer):")
+    text = "\n".join(tables(unets, METHODS, OVERHEAD) + ["", title, ""]
+                     + tables(transformers, TRANSFORMER_METHODS, FLUX_NOTE) + [""] + tiny_checks())
     print(text)
     if args.out:
         write_section(Path(args.out), text, "benchmarks/gpu_memory.py")

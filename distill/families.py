@@ -173,11 +173,12 @@ def detect_family(folder: Path, index: dict, path: str) -> TeacherFamily:
     fitting = [f for f in FAMILIES.values() if set(f.components) <= components]
     if not fitting:
         closest = min(FAMILIES.values(), key=lambda f: len(set(f.components) - components))
-        labels = " and ".join(f.label for f in FAMILIES.values())
+        labels = [f.label for f in FAMILIES.values()]
+        labels = ", ".join(labels[:-1]) + " or " + labels[-1]
         raise DistillError(
-            f"{path} ({index.get('_class_name')}) is not a Stable Diffusion or SDXL pipeline: it has no "
-            f"{', '.join(sorted(set(closest.components) - components))}. Only {labels} text-to-image teachers can be "
-            "distilled."
+            f"{path} ({index.get('_class_name')}) is not a Stable Diffusion pipeline of a known family ({labels}): "
+            f"it has no {', '.join(sorted(set(closest.components) - components))}. Only {labels} text-to-image "
+            "teachers can be distilled."
         )
     family = max(fitting, key=lambda f: len(f.components))
     _check_components_agree(family, folder, path)

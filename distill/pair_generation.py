@@ -76,19 +76,24 @@ class PairGenerationConfig:
         return self.prompts_file or self.dataset_name or self.train_data_dir
 
 
-def pair_scheduler(teacher_path: str):
-    """The teacher's solver: multistep DPM-Solver++ (Lu et al. 2022) from t = T - 1 (trailing) down to the clean x0."""
+def pair_scheduler(info):
+    """The teacher's solver: multistep DPM-Solver++ (Lu et al. 2022) from t = T - 1 (trailing) down to the clean x0;
+    on a flow-matching teacher on its shifted flow sigmas with velocity prediction."""
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler.from_pretrained(teacher_path, subfolder="scheduler",
+    flow = {}
+    if info.family_spec.flow_matching:
+        shift = DPMSolverMultistepScheduler.load_config(info.path, subfolder="scheduler").get("shift", 1.0)
+        flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift)
+    return DPMSolverMultistepScheduler.from_pretrained(info.path, subfolder="scheduler",
                                                        algorithm_type="dpmsolver++", timestep_spacing="trailing",
-                                                       final_sigmas_type="zero")
+                                                       final_sigmas_type="zero", **flow)
 
 
 def load_pair_pipeline(info):
     """The stock pipeline of the teacher's family with the pair sampler."""
     family = info.family_spec
-    pipe = family.pipeline_class().from_pretrained(info.path, scheduler=pair_scheduler(info.path),
+    pipe = family.pipeline_class().from_pretrained(info.path, scheduler=pair_scheduler(info),
                                                    **family.pipeline_kwargs(info))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -39,8 +39,8 @@ def inspect_teacher(path: str, cache_dir: str | None = None, revision: str | Non
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise DistillError(
-            f"{path} is not a diffusers pipeline folder (no model_index.json). Point "
-            "--pretrained_teacher_model at a Stable Diffusion 1.x/2.x or SDXL folder saved with save_pretrained."
+            f"{path} is not a diffusers pipeline folder (no model_index.json). Point --pretrained_teacher_model at "
+            "a Stable Diffusion 1.x/2.x, SDXL or SD3/SD3.5 folder saved with save_pretrained."
         )
     try:
         index = json.loads(index_file.read_text())

@@ -389,8 +389,8 @@ CASES = [
     Case(teacher_folder_missing, "Teacher folder <path> does not exist. Check --pretrained_teacher_model."),
     Case(teacher_hub_id_not_found, "Could not find the teacher <id>: it is not a local folder and the Hub lookup "
                                    "failed"),
-    Case(teacher_is_another_pipeline, "<path> (<class>) is not a Stable Diffusion or SDXL pipeline: it has no "
-                                      "<components>."),
+    Case(teacher_is_another_pipeline, "<path> (<class>) is not a Stable Diffusion pipeline of a known family "
+                                      "(<families>): it has no <components>."),
     Case(teacher_is_an_empty_folder, "<path> is not a diffusers pipeline folder (no model_index.json)."),
     Case(both_dataset_flags, "Exactly one of --dataset_name and --train_data_dir is needed, but <which>."),
     Case(data_dir_missing, "--train_data_dir '<path>' does not exist."),

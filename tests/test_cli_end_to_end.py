@@ -37,7 +37,8 @@ FLAGS = ["--checkpointing_steps", "2", "--train_batch_size", "2", "--lora_rank",
 LORA_RANK, LORA_ALPHA = 4, 64.0  # --lora_rank above; lora_alpha is LCMConfig's default
 PIPELINE_CLASSES = {"sd": "FewStepStableDiffusionPipeline", "sdxl": "FewStepStableDiffusionXLPipeline",
                     "sd3": "FewStepStableDiffusion3Pipeline"}
-STOCK_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+STOCK_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                 "sd3": "StableDiffusion3Pipeline"}
 # The LCM student's scheduler: diffusers' LCMScheduler on a DDPM teacher, the shipped flow scheduler on SD3.
 SCHEDULERS = {"sd": "LCMScheduler", "sdxl": "LCMScheduler", "sd3": "FlowFewStepScheduler"}
 SCHEDULER_ENTRIES = {"sd": ["diffusers", "LCMScheduler"], "sdxl": ["diffusers", "LCMScheduler"],

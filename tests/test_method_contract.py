@@ -35,6 +35,12 @@ PROMPTS = ["a handwritten digit seven", "a red square"]
 CASES = [(name, {}) for name in METHODS] + [("pcm", {"adv_weight": 0.1}), ("dmd2", {"gen_cls_loss_weight": 0.0}),
                                                ("dmd2", {"gen_cls_loss_weight": 0.0, "regression_loss_weight": 1.0})]
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in overrides.items()) for name, overrides in CASES]
+# The same contract on a flow-matching transformer teacher (SD3), for every case that does not need a discriminator on a
+# UNet's encoder (UFOGen's, PCM's adversarial heads, DMD2's classifier: refused on SD3, see test_flow_matching.py).
+SD3_CASES = [(name, overrides) for name, overrides in CASES
+             if name != "ufogen" and not overrides.get("adv_weight") and "gen_cls_loss_weight" not in overrides]
+FAMILY_CASES = [("sd", *case) for case in CASES] + [("sd3", *case) for case in SD3_CASES]
+FAMILY_CASE_IDS = [f"sd-{i}" for i in CASE_IDS] + [f"sd3-{CASE_IDS[CASES.index(case)]}" for case in SD3_CASES]
 
 
 def build(teacher_folder: Path, name: str, overrides: dict):
@@ -84,12 +90,16 @@ def parametrize_cases(test):
     return pytest.mark.parametrize("name, overrides", CASES, ids=CASE_IDS)(test)
 
 
+def parametrize_family_cases(test):
+    return pytest.mark.parametrize("family, name, overrides", FAMILY_CASES, ids=FAMILY_CASE_IDS)(test)
+
+
 # ------------------------------------------------------------------------------------------ training contract
 
 
-@parametrize_cases
-def test_losses_name_disjoint_groups_that_hold_every_trainable_parameter(sd_teacher, name, overrides):
-    method, loaded = build(sd_teacher, name, overrides)
+@parametrize_family_cases
+def test_losses_name_disjoint_groups_that_hold_every_trainable_parameter(request, family, name, overrides):
+    method, loaded = build(request.getfixturevalue(f"{family}_teacher"), name, overrides)
     groups = method.trainable()
     assert groups and all(groups.values()), {k: len(v) for k, v in groups.items()}
     ids = [id(p) for params in groups.values() for p in params]
@@ -103,9 +113,9 @@ def test_losses_name_disjoint_groups_that_hold_every_trainable_parameter(sd_teac
         assert all(loss.dim() == 0 and torch.isfinite(loss) for loss in losses.values())
 
 
-@parametrize_cases
-def test_each_loss_reaches_only_its_own_group(sd_teacher, name, overrides):
-    method, loaded = build(sd_teacher, name, overrides)
+@parametrize_family_cases
+def test_each_loss_reaches_only_its_own_group(request, family, name, overrides):
+    method, loaded = build(request.getfixturevalue(f"{family}_teacher"), name, overrides)
     groups = method.trainable()
     everything = [p for net in method.nets.values() for p in net.parameters()]
     batch = make_batch(method, loaded)
@@ -120,9 +130,9 @@ def test_each_loss_reaches_only_its_own_group(sd_teacher, name, overrides):
             assert all(p.grad is None for p in everything if not p.requires_grad)
 
 
-@parametrize_cases
-def test_training_changes_the_student_and_never_the_teacher(sd_teacher, name, overrides):
-    method, loaded = build(sd_teacher, name, overrides)
+@parametrize_family_cases
+def test_training_changes_the_student_and_never_the_teacher(request, family, name, overrides):
+    method, loaded = build(request.getfixturevalue(f"{family}_teacher"), name, overrides)
     groups = method.trainable()
     frozen = {n: p.detach().clone() for n, p in loaded.network.named_parameters() if not p.requires_grad}
     trained = {group: [p.detach().clone() for p in params] for group, params in groups.items()}
@@ -143,9 +153,9 @@ def test_training_changes_the_student_and_never_the_teacher(sd_teacher, name, ov
         assert any(not torch.equal(p, old) for p, old in zip(groups[group], trained[group])), group
 
 
-@parametrize_cases
-def test_a_lora_student_starts_as_the_teacher(sd_teacher, name, overrides):
-    method, loaded = build(sd_teacher, name, overrides)
+@parametrize_family_cases
+def test_a_lora_student_starts_as_the_teacher(request, family, name, overrides):
+    method, loaded = build(request.getfixturevalue(f"{family}_teacher"), name, overrides)
     assert not getattr(method.config, "full_finetune", False)  # every method's default student is a LoRA
     student, teacher = student_prediction(method, loaded), teacher_prediction(method, loaded)
     assert student.abs().sum() > 0
@@ -155,10 +165,10 @@ def test_a_lora_student_starts_as_the_teacher(sd_teacher, name, overrides):
 # ------------------------------------------------------------------------------------------ export contract
 
 
-@parametrize_cases
-def test_sampling_spec_builds_a_scheduler_for_its_steps(sd_teacher, name, overrides):
-    method, loaded = build(sd_teacher, name, overrides)
-    spec = method.export_defaults()
+@parametrize_family_cases
+def test_sampling_spec_builds_a_scheduler_for_its_steps(request, family, name, overrides):
+    method, loaded = build(request.getfixturevalue(f"{family}_teacher"), name, overrides)
+    spec = method.sampling()  # export_defaults, or its counterpart on a flow-matching teacher
     assert isinstance(spec, SamplingSpec)
     assert spec.num_inference_steps >= 1 and spec.guidance_scale >= 1.0
     scheduler = student_scheduler(loaded.scheduler_config, spec)

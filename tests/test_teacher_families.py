@@ -15,7 +15,7 @@ import torch
 from distill.conditioning import Cond, TextConditioner
 from distill.teacher import inspect_teacher
 from distill.denoiser import Denoiser
-from distill.families import FAMILIES, SD, SDXL, family_label, get_family
+from distill.families import FAMILIES, SD, SD3, SDXL, family_label, get_family
 from distill.teacher import load_teacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,16 +32,19 @@ def loaded(sd_teacher, sdxl_teacher):
 # ----------------------------------------------------------------------------------------------- the registry
 
 
-def test_registry_detects_each_tiny_teacher(sd_teacher, sdxl_teacher):
-    sd, sdxl = inspect_teacher(str(sd_teacher)), inspect_teacher(str(sdxl_teacher))
-    assert (sd.family_spec, sdxl.family_spec) == (SD, SDXL)
-    assert (sd.family, sdxl.family) == ("sd", "sdxl")  # the names distill_config.json, checkpoints, pairs.json record
-    assert FAMILIES == {"sd": SD, "sdxl": SDXL} and get_family("sdxl") is SDXL
-    assert (family_label("sd"), family_label("sdxl"), family_label("flux")) == ("SD 1.x/2.x", "SDXL", "flux")
+def test_registry_detects_each_tiny_teacher(sd_teacher, sdxl_teacher, sd3_teacher):
+    sd, sdxl, sd3 = (inspect_teacher(str(folder)) for folder in (sd_teacher, sdxl_teacher, sd3_teacher))
+    assert (sd.family_spec, sdxl.family_spec, sd3.family_spec) == (SD, SDXL, SD3)
+    # the names distill_config.json, checkpoints, pairs.json record
+    assert (sd.family, sdxl.family, sd3.family) == ("sd", "sdxl", "sd3")
+    assert FAMILIES == {"sd": SD, "sdxl": SDXL, "sd3": SD3} and get_family("sdxl") is SDXL
+    assert (family_label("sd"), family_label("sdxl"), family_label("sd3"), family_label("flux")) == (
+        "SD 1.x/2.x", "SDXL", "SD3/SD3.5", "flux")
     assert (sd.force_zeros_for_empty_prompt, sdxl.force_zeros_for_empty_prompt) == (False, True)
+    assert sd3.force_zeros_for_empty_prompt is False and SD3.flow_matching and not SDXL.flow_matching
 
 
-@pytest.mark.parametrize("name", ["sd", "sdxl"])
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
 def test_each_family_pipeline_class_loads_its_teacher_folder(name, request):
     import distill.pipelines.pipeline_few_step as few_step
 
@@ -51,7 +54,7 @@ def test_each_family_pipeline_class_loads_its_teacher_folder(name, request):
     pipe = family.pipeline_class().from_pretrained(folder, **family.pipeline_kwargs(info))
     assert type(pipe).__name__ == family.stock_pipeline
     assert set(family.text_encoders) | set(family.tokenizers) <= set(pipe.components)
-    assert family.matches_network(dict(pipe.unet.config))
+    assert family.matches_network(dict(getattr(pipe, family.network_subfolder).config))
     assert issubclass(getattr(few_step, family.few_step_pipeline), family.pipeline_class())
 
 

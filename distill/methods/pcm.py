@@ -58,14 +58,14 @@ class PCMConfig(CFGSolverSettings, DistanceSettings, LoRASettings):
                                "or 8.")
         if self.adv_weight < 0:
             raise DistillError(f"--adv_weight must be >= 0 (0 turns the adversarial term off), got {self.adv_weight}.")
+        if self.adv_lr <= 0:
+            raise DistillError(f"--adv_lr must be positive, got {self.adv_lr}.")
 
     def check_against_family(self, family) -> None:
         """The adversarial term's discriminator needs a UNet teacher (called before any weights load)."""
         if self.adv_weight > 0:
             require_unet_encoder(family, "PCM's adversarial loss (--adv_weight)",
                                  "Pass --adv_weight 0 (plain phased consistency distillation).")
-        if self.adv_lr <= 0:
-            raise DistillError(f"--adv_lr must be positive, got {self.adv_lr}.")
 
 
 class PCM(Method):

@@ -1,0 +1,257 @@
+"""Flow-matching teachers (SD3/SD3.5): the schedule, its solver and the exported few-step scheduler, checked by oracles.
+
+x_t = (1 - sigma_t) x0 + sigma_t eps with velocity v = eps - x0 (Rectified Flow; SD3). A model that returns the true
+velocity makes every first-order (Euler) step land exactly on the interpolant, so the training solver, diffusers'
+own FlowMatchEulerDiscreteScheduler and the shipped FlowFewStepScheduler can each be checked against the known line.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from distill.export import student_scheduler
+from distill.families import SD3
+from distill.lora import add_lora, kohya_module_names
+from distill.methods import METHODS
+from distill.pipelines.scheduler_flow import FlowFewStepScheduler
+from distill.renoising import chain_timesteps
+from distill.schedule import (FlowMatchingSchedule, consistency_boundary_scalings, ddim_timesteps, diffuse_between,
+                              phase_edges, posterior_mean_variance)
+from distill.solvers import ddim_step
+from distill.testing import method_on_teacher, tiny_sd3_transformer
+
+SHIFT = 3.0
+
+
+@pytest.fixture(scope="module")
+def schedule() -> FlowMatchingSchedule:
+    return FlowMatchingSchedule.from_scheduler_config(FlowMatchEulerDiscreteScheduler(shift=SHIFT).config)
+
+
+def known_line(seed: int = 0, batch: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, 8, 8, generator=generator), torch.randn(batch, 4, 8, 8, generator=generator)
+
+
+def test_the_table_is_the_teachers_shifted_sigmas(schedule):
+    """t = 0..999 holds the sigma of diffusers' training timestep t + 1; the transformer is called with sigma * 1000."""
+    reference = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+    torch.testing.assert_close(schedule.sigmas, reference.sigmas.flip(0))
+    torch.testing.assert_close(schedule.alphas + schedule.sigmas, torch.ones(1000))
+    assert float(schedule.sigmas[-1]) == 1.0 and float(schedule.alphas[-1]) == 0.0
+    s = torch.tensor([0.25, 0.5, 0.75])  # sigma = shift s / (1 + (shift - 1) s) (SD3 eq. 23)
+    torch.testing.assert_close(schedule.sigmas[(s * 1000).long() - 1], SHIFT * s / (1 + (SHIFT - 1) * s))
+    t = torch.tensor([999, 500, 0])
+    torch.testing.assert_close(schedule.network_timestep(t), reference.timesteps.flip(0)[t])
+
+
+def test_the_true_velocity_gives_back_x0_and_eps(schedule):
+    x0, eps = known_line()
+    t = torch.tensor([999, 400, 3])
+    x_t = schedule.add_noise(x0, eps, t)
+    x0_hat, eps_hat = schedule.to_x0_eps(eps - x0, x_t, t)
+    torch.testing.assert_close(x0_hat, x0)
+    torch.testing.assert_close(eps_hat, eps)
+
+
+def test_an_euler_step_of_the_true_velocity_lands_on_the_interpolant(schedule):
+    """The training solver (DDIM eq. 12 on the flow path) and diffusers' Euler step agree, and both land on the line."""
+    x0, eps = known_line()
+    t, t_prev = torch.tensor([999, 600, 250]), torch.tensor([799, 250, -1])
+    x_t = schedule.add_noise(x0, eps, t)
+    x0_hat, eps_hat = schedule.to_x0_eps(eps - x0, x_t, t)
+    landed = ddim_step(schedule, x0_hat, eps_hat, t_prev)
+    torch.testing.assert_close(landed[:2], schedule.add_noise(x0[:2], eps[:2], t_prev[:2]))
+    torch.testing.assert_close(landed[2], x0[2])  # t = -1: the clean end
+
+    euler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # set_timesteps shifts given sigmas: these are shifted already
+    sigma, sigma_prev = schedule.sigmas[t[:2]], schedule.sigmas[t_prev[:2]]
+    euler.set_timesteps(sigmas=[float(sigma[0]), float(sigma_prev[0])])
+    stepped = euler.step(eps[:1] - x0[:1], euler.timesteps[0], x_t[:1]).prev_sample
+    torch.testing.assert_close(stepped, landed[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_transition_and_posterior_are_the_conditional_gaussians_of_the_path(schedule):
+    """q(x_t | x_s) composes with q(x_s | x0) into q(x_t | x0); q(x_s | x_t, x0) is the conditional Gaussian of the
+    joint (x_s, x_t) given x0, with Cov = a_{t|s} sigma_s^2 (VDM, Kingma et al. 2021, app. A)."""
+    s, t = torch.tensor([100, 480]), torch.tensor([700, 999])
+    like = torch.zeros(2, 1, 1, 1)
+    a, variance = schedule.transition(s, t, like)
+    alpha_s, sigma_s = schedule.alpha(s, like), schedule.sigma(s, like)
+    alpha_t, sigma_t = schedule.alpha(t, like), schedule.sigma(t, like)
+    torch.testing.assert_close(a * alpha_s, alpha_t)
+    torch.testing.assert_close(a**2 * sigma_s**2 + variance, sigma_t**2)
+    x0, eps = known_line(batch=2)
+    torch.testing.assert_close(diffuse_between(schedule, schedule.add_noise(x0, eps, s), torch.zeros_like(x0), s, t),
+                               alpha_t * x0 + a * sigma_s * eps)
+
+    x_t = schedule.add_noise(x0, eps, t)
+    mean, posterior_variance = posterior_mean_variance(schedule, x0, x_t, s, t)
+    covariance = a * sigma_s**2
+    torch.testing.assert_close(mean, alpha_s * x0 + covariance / sigma_t**2 * (x_t - alpha_t * x0))
+    torch.testing.assert_close(posterior_variance, sigma_s**2 - covariance**2 / sigma_t**2)
+
+
+# ------------------------------------------------------------------------------------------ the exported scheduler
+
+
+def flow_scheduler(**settings) -> FlowFewStepScheduler:
+    return FlowFewStepScheduler(shift=SHIFT, **settings)
+
+
+def test_ode_sampler_of_the_true_velocity_lands_on_the_line_at_every_step(schedule):
+    x0, eps = known_line(batch=1)
+    for spacing, settings in (("trailing", {"original_inference_steps": 1000}), ("phases", {})):
+        scheduler = flow_scheduler(sampler="ode", timestep_spacing=spacing, **settings)
+        scheduler.set_timesteps(4)
+        sample = schedule.add_noise(x0, eps, scheduler.train_timesteps[:1])
+        for timestep, t_next in zip(scheduler.timesteps, scheduler.next_train_timesteps):
+            sample = scheduler.step(eps - x0, timestep, sample).prev_sample
+            expected = x0 if t_next < 0 else schedule.add_noise(x0, eps, t_next.view(1))
+            torch.testing.assert_close(sample, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_scheduler_grids_are_the_training_grids():
+    """LCM's skipping grid, PCM's phase edges, DDIM's trailing spacing and the x0 chain of UFOGen/DMD2."""
+    lcm = flow_scheduler(sampler="consistency", timestep_spacing="lcm")
+    lcm.set_timesteps(4)
+    assert lcm.train_timesteps.tolist() == [999, 759, 499, 259]
+    assert set(lcm.train_timesteps.tolist()) <= set(ddim_timesteps(1000, 50).tolist())
+    phases = flow_scheduler(sampler="ode", timestep_spacing="phases")
+    phases.set_timesteps(4)
+    edges = phase_edges(1000, 50, 4)
+    assert phases.train_timesteps.tolist() == edges[1:].flip(0).tolist()
+    assert phases.next_train_timesteps.tolist() == edges[:-1].flip(0).tolist()
+    trailing = flow_scheduler(sampler="ode", timestep_spacing="trailing", original_inference_steps=1000)
+    trailing.set_timesteps(4)
+    assert trailing.train_timesteps.tolist() == [999, 749, 499, 249]
+    chain = flow_scheduler(sampler="consistency", timestep_spacing="lcm", original_inference_steps=4)
+    for steps in (1, 2, 4):
+        chain.set_timesteps(steps)
+        assert chain.train_timesteps.tolist() == chain_timesteps(1000, 4, steps).tolist()
+
+
+def test_consistency_step_is_the_trained_consistency_function(schedule):
+    """denoised = c_skip x_t + c_out x0 with LCM's boundary scalings, then re-noised to the next point with the
+    generator's noise; the transformer is called with sigma_t * 1000 of each grid point."""
+    scheduler = flow_scheduler(sampler="consistency", timestep_spacing="lcm", timestep_scaling=10.0)
+    scheduler.set_timesteps(2)
+    torch.testing.assert_close(scheduler.timesteps, schedule.network_timestep(scheduler.train_timesteps))
+    generator = torch.Generator().manual_seed(3)
+    sample, velocity = known_line(batch=1)
+    out = scheduler.step(velocity, scheduler.timesteps[0], sample, generator=generator)
+    t = scheduler.train_timesteps[:1]
+    x0, _ = schedule.to_x0_eps(velocity, sample, t)
+    c_skip, c_out = consistency_boundary_scalings(t)
+    denoised = c_skip.view(-1, 1, 1, 1) * sample + c_out.view(-1, 1, 1, 1) * x0
+    torch.testing.assert_close(out.denoised, denoised)
+    noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out.prev_sample, schedule.add_noise(denoised, noise, scheduler.train_timesteps[1:]))
+    last = scheduler.step(velocity, scheduler.timesteps[1], out.prev_sample)
+    torch.testing.assert_close(last.prev_sample, last.denoised)  # the last step returns the denoised sample
+
+
+# ------------------------------------------------------------------------------------------ methods on SD3
+
+
+SUPPORTED = ["lcm", "pcm", "rectified", "swiftbrush", "dmd2"]
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_each_method_samples_on_the_grid_it_trains_on(sd3_teacher, name):
+    cls = METHODS[name]
+    method, loaded = method_on_teacher(cls, cls.Config(lora_rank=4), sd3_teacher)
+    spec = method.sampling()
+    assert spec.scheduler == "FlowFewStepScheduler"
+    scheduler = student_scheduler(loaded.scheduler_config, spec)
+    assert isinstance(scheduler, FlowFewStepScheduler) and scheduler.config.shift == SHIFT
+    scheduler.set_timesteps(spec.num_inference_steps)
+    if name == "lcm":
+        assert set(scheduler.train_timesteps.tolist()) <= set(method.grid.tolist())
+    elif name == "pcm":
+        assert scheduler.train_timesteps.tolist() == method.edges[1:].flip(0).tolist()
+    elif name == "dmd2":
+        assert scheduler.train_timesteps.tolist() == method.timesteps.tolist()
+    else:  # one-step (SwiftBrush) or phased (rectified) students start from pure noise, sigma = 1
+        assert int(scheduler.train_timesteps[0]) == 999 and float(scheduler.timesteps[0]) == 1000.0
+
+
+def test_the_conditioner_builds_the_sd3_pipelines_embeddings(sd3_teacher):
+    """The training condition equals StableDiffusion3Pipeline.encode_prompt's (CLIP-L | CLIP-G | pad ; T5, pooled)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from distill.teacher import inspect_teacher, load_teacher
+
+    loaded = load_teacher(inspect_teacher(str(sd3_teacher)), 32)
+    prompts = ["a photo of three", "seven"]
+    cond = loaded.conditioner.encode(prompts)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_teacher)
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False,
+                                              max_sequence_length=256)
+    torch.testing.assert_close(cond.prompt_embeds, embeds)
+    torch.testing.assert_close(cond.pooled_prompt_embeds, pooled)
+    assert cond.prompt_embeds.shape[1] == 77 + 256 and cond.time_ids is None
+    assert set(cond.unet_kwargs()) == {"encoder_hidden_states", "pooled_projections"}
+
+
+def test_kohya_names_are_the_ones_comfyui_maps_for_sd3():
+    """lora_transformer_<diffusers path> for every adapted module, each a module ComfyUI's SD3 key map covers: the
+    attention projections of both streams (mmdit_to_diffusers) and both feed-forwards (MMDIT_MAP_BLOCK)."""
+    comfy_mapped = {"attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                    "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                    "ff_context.net.2"}
+    transformer = tiny_sd3_transformer()
+    add_lora(transformer, SD3.lora_target_modules, rank=4)
+    names = kohya_module_names(transformer, "sd3")
+    assert len(names) == 12 + 9  # the last block is context_pre_only: no to_add_out and no ff_context
+    for path, name in names.items():
+        block, rest = path.split(".", 2)[:2], path.split(".", 2)[2]
+        assert block[0] == "transformer_blocks" and rest in comfy_mapped, path
+        assert name == "lora_transformer_" + path.replace(".", "_")
+
+
+@pytest.mark.parametrize("method, flags, message", [
+    ("ufogen", [], "UFOGen's diffusion-GAN discriminator reads the encoder features of a UNet"),
+    ("pcm", ["--adv_weight", "0.1"], "Pass --adv_weight 0"),
+    ("dmd2", ["--gen_cls_loss_weight", "0.01"], "Pass --gen_cls_loss_weight 0"),
+])
+def test_a_discriminator_on_an_sd3_teacher_is_refused_before_training(sd3_teacher, image_folder, tmp_path, capsys,
+                                                                       method, flags, message):
+    from distill.__main__ import run
+
+    code = run([method, "--pretrained_teacher_model", str(sd3_teacher), "--train_data_dir", str(image_folder),
+                "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1", *flags])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code != 0 and len(errors) == 1
+    assert message in errors[0] and "SD3/SD3.5" in errors[0]
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_pairs_of_an_sd3_teacher_are_its_flow_ode_solution(sd3_teacher, tmp_path):
+    """generate_pairs' DPM-Solver++ on the flow sigmas (velocity prediction) reaches what 200 Euler steps of the same
+    guided flow ODE reach from the same noise, more closely than 25 Euler steps do."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from distill.pair_generation import PairGenerationConfig, load_pair_pipeline, teacher_latents
+    from distill.teacher import inspect_teacher
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of three\n")
+    config = PairGenerationConfig(pretrained_teacher_model=str(sd3_teacher), output_dir=str(tmp_path / "pairs"),
+                                  prompts_file=str(prompts), num_inference_steps=25, guidance_scale=3.0)
+    pipe = load_pair_pipeline(inspect_teacher(str(sd3_teacher)))
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    pairs = teacher_latents(pipe, noise.clone(), ["a photo of three"], config, 32)
+
+    def euler(steps: int) -> torch.Tensor:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(sd3_teacher, subfolder="scheduler")
+        return pipe("a photo of three", latents=noise.clone(), num_inference_steps=steps, guidance_scale=3.0,
+                    height=32, width=32, output_type="latent").images
+
+    reference = euler(200)
+    error = (pairs - reference).abs().max()
+    assert error < 0.02 * reference.abs().max()
+    assert error < (euler(25) - reference).abs().max()
