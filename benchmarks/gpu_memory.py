@@ -75,8 +75,8 @@ TRANSFORMER_METHODS = {**{m: METHODS[m] for m in ("lcm, pcm, rectified (phased)"
                        "dmd2 (no GAN term)": (("lora", "lora"), (("unet", 1), ("unet", 1)), 3)}
 OVERHEAD = ("Not included above (an assumption, not derived): the CUDA context, about 1 GiB per process, and the "
             "caching allocator's fragmentation, some 10 %: plan for total x 1.1 + 1 GiB.")
-FLUX_NOTE = ("FLUX.1-dev is not yet supported by the trainer: its rows are the same accounting applied to it (the "
-             "teacher's CFG rows included, where its guidance embedding would need one). " + OVERHEAD)
+FLUX_NOTE = ("FLUX.1-dev's rows count the teacher's two CFG rows as for the other teachers, where the trainer makes "
+             "one call at the guidance input instead: the no-gradient figure is an upper bound. " + OVERHEAD)
 LABELS = {"lora": "LoRA, rank 64 (one adapter)", "encoder lora": "ufogen: discriminator LoRA (encoder modules)",
           "heads": "pcm, ufogen: discriminator heads", "classifier": "dmd2: bottleneck classifier"}
 
@@ -412,8 +412,8 @@ def main() -> None:
         "SD3.5-large 1024 px": transformer_family(SD3.network_class, SD35_LARGE, sd3_encoders, SD3.vae_fp32),
         "FLUX.1-dev 1024 px": transformer_family("FluxTransformer2DModel", FLUX_DEV,
                                                  [("CLIPTextModel", CLIP_L), ("T5EncoderModel", T5_XXL)], False)}
-    title = ("Flow-matching transformer teachers (the sd3 family: no ufogen, no pcm --adv_weight > 0, dmd2 without "
-             "its GAN classifier; FLUX.1-dev: not yet supported by the trainer):")
+    title = ("Flow-matching transformer teachers (the sd3 and flux families: no ufogen, no pcm --adv_weight > 0, dmd2 "
+             "without its GAN classifier):")
     text = "\n".join(tables(unets, METHODS, OVERHEAD) + ["", title, ""]
                      + tables(transformers, TRANSFORMER_METHODS, FLUX_NOTE) + [""] + tiny_checks())
     print(text)

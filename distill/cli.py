@@ -89,7 +89,8 @@ def build_parser(method_name: str) -> argparse.ArgumentParser:
     """The parser for one method's command line."""
     method_cls = get_method(method_name)
     prog = f"python -m distill {method_name}" if started_as_module() else None  # None: the script's file name
-    parser = argparse.ArgumentParser(prog=prog, description=f"Distil an SD, SDXL or SD3 teacher with {method_name}.")
+    parser = argparse.ArgumentParser(prog=prog,
+                                     description=f"Distil an SD, SDXL, SD3 or FLUX.1 teacher with {method_name}.")
     seen: set[str] = set()
     for cls in (TrainConfig, ImageDataConfig, method_cls.Config):
         add_dataclass_flags(parser, cls, seen)

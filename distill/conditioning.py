@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -45,6 +46,15 @@ class Cond:
         elif self.pooled_prompt_embeds is not None:
             kwargs["pooled_projections"] = self.pooled_prompt_embeds
         return kwargs
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """Whether the network reads the guidance scale as an input (a guidance-distilled teacher: FLUX.1-dev)."""
+        return "guidance" in self.extra
+
+    def with_guidance(self, scale: torch.Tensor) -> "Cond":
+        """The condition with guidance-scale input ``scale`` per sample."""
+        return Cond(*self.tensors(), extra={**self.extra, "guidance": scale.to(self.prompt_embeds.device)})
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Cond":
         """The condition with ``fn`` applied to every tensor, ``extra`` included (absent ones stay None)."""
@@ -289,3 +299,40 @@ class SD3TextConditioner(TextConditioner):
             problems.append(f"the transformer's pooled_projection_dim is {pooled}, but the two CLIP encoders' pooled "
                             f"projections give {sum(projections)}")
         return problems
+
+
+class FluxTextConditioner(TextConditioner):
+    """FLUX.1: T5's last hidden states as the text sequence and CLIP-L's pooled output (Black Forest Labs 2024, as
+    diffusers' FluxPipeline encodes prompts); a guidance-distilled teacher (FLUX.1-dev, ``guidance_embeds``) also reads
+    the guidance scale, which the condition carries as ``extra["guidance"]`` (1 unless a solver sets it)."""
+
+    encoder_classes = ("CLIPTextModel", "T5EncoderModel")
+    max_sequence_length = 512  # T5 tokens, the default of diffusers' FluxPipeline
+
+    def __init__(self, info: TeacherInfo, resolution: int, dtype=torch.float32, revision: str | None = None):
+        from .teacher_files import component_config
+
+        super().__init__(info, resolution, dtype, revision)
+        network = component_config(Path(info.path), info.family_spec.network_subfolder, info.path)
+        self.guidance_embeds = bool(network.get("guidance_embeds"))
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], original_size=None, crop_top_left=None) -> Cond:
+        """T5 states, CLIP-L's pooled output and, for a guidance-distilled teacher, guidance 1 per prompt."""
+        pooled = self._hidden_states(0, prompts).pooler_output
+        tokenizer, encoder = self.tokenizers[1], self.text_encoders[1]
+        ids = tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                        return_tensors="pt").input_ids
+        states = encoder(ids.to(encoder.device))[0]
+        extra = {"guidance": torch.ones(len(prompts), device=states.device)} if self.guidance_embeds else {}
+        return Cond(states, pooled.to(states.dtype), extra=extra)
+
+    @classmethod
+    def config_problems(cls, network: dict, encoders: dict[str, dict]) -> list[str]:
+        """The transformer must read T5-wide states (joint_attention_dim = T5's d_model) and CLIP-L's pooled output
+        (pooled_projection_dim = its hidden_size)."""
+        clip, t5 = list(encoders.values())
+        pairs = [("joint_attention_dim", t5.get("d_model"), "text_encoder_2's d_model"),
+                 ("pooled_projection_dim", clip.get("hidden_size"), "text_encoder's hidden_size")]
+        return [f"the transformer's {key} is {network.get(key)} but {source} is {value}"
+                for key, value, source in pairs if None not in (network.get(key), value) and network[key] != value]

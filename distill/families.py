@@ -9,14 +9,17 @@ with its own conditioner class and schedule builder where the existing ones do n
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .conditioning import SD3TextConditioner, SDTextConditioner, SDXLTextConditioner, TextConditioner
+from .conditioning import (FluxTextConditioner, SD3TextConditioner, SDTextConditioner, SDXLTextConditioner,
+                           TextConditioner)
 from .errors import DistillError
+from .packing import accept_unpacked_latents
 from .schedule import FlowMatchingSchedule, NoiseSchedule
 from .teacher_files import component_config
 
@@ -55,7 +58,8 @@ class TeacherFamily:
     network_class: str = "UNet2DConditionModel"  # the diffusers class of the denoiser network
     network_subfolder: str = "unet"
     network_label: str = "UNet"  # what messages call the network
-    noise_schedule: Callable[[dict], NoiseSchedule] = NoiseSchedule.from_scheduler_config  # from scheduler config
+    # (scheduler config, latent shape (C, H, W)) -> the noise schedule
+    noise_schedule: Callable[[dict, tuple], NoiseSchedule] = NoiseSchedule.from_scheduler_config
     lora_target_modules: tuple[str, ...] = UNET_LORA_TARGETS
     # The network's blocks that sharded training (FSDP2) gathers one at a time, by class name.
     shard_unit_classes: tuple[str, ...] = ("ResnetBlock2D", "BasicTransformerBlock")
@@ -63,6 +67,9 @@ class TeacherFamily:
     safety_checker: bool = False  # the stock pipeline has a safety checker, switched off for distillation
     force_zeros_default: bool | None = None  # model_index.json's force_zeros_for_empty_prompt when unset; None: n/a
     flow_matching: bool = False  # a flow-matching teacher: students sample with pipelines/scheduler_flow.py
+    prepare_network: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # applied to the loaded network
+    default_sample_size: int = 128  # a network config without sample_size: FluxPipeline's default (x VAE factor)
+    resolution_multiple: int = 8  # image sides must be multiples of it (the VAE's 8, times FLUX.1's 2x2 patches)
 
     def __repr__(self) -> str:
         return f"TeacherFamily({self.name!r})"
@@ -85,8 +92,9 @@ class TeacherFamily:
         """The denoiser network of the teacher folder ``path`` (the student starts as it)."""
         import diffusers
 
-        return getattr(diffusers, self.network_class).from_pretrained(path, subfolder=self.network_subfolder,
-                                                                      revision=revision)
+        network = getattr(diffusers, self.network_class).from_pretrained(path, subfolder=self.network_subfolder,
+                                                                         revision=revision)
+        return self.prepare_network(network) if self.prepare_network else network
 
     def network_config(self, path: str) -> dict:
         """The denoiser network's config.json in the teacher folder ``path``."""
@@ -95,7 +103,8 @@ class TeacherFamily:
     def native_resolution(self, path: str) -> int:
         """The image size the teacher was trained at: network sample size times the VAE's downsampling factor."""
         vae = component_config(Path(path), "vae", path)
-        return int(self.network_config(path)["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        sample_size = self.network_config(path).get("sample_size", self.default_sample_size)
+        return int(sample_size) * 2 ** (len(vae["block_out_channels"]) - 1)
 
     def pipeline_class(self):
         """The stock diffusers pipeline class of this family."""
@@ -151,10 +160,23 @@ SD3 = register(TeacherFamily(
     noise_schedule=FlowMatchingSchedule.from_scheduler_config, lora_target_modules=TRANSFORMER_LORA_TARGETS,
     shard_unit_classes=("JointTransformerBlock",), flow_matching=True,
 ))
+FLUX = register(TeacherFamily(
+    name="flux", label="FLUX.1", text_encoders=("text_encoder", "text_encoder_2"),
+    tokenizers=("tokenizer", "tokenizer_2"),
+    conditioner=FluxTextConditioner, network_signature=(("_class_name", "FluxTransformer2DModel"),),
+    stock_pipeline="FluxPipeline", few_step_pipeline="FewStepFluxPipeline",
+    kohya_layout="diffusers", kohya_prefix="lora_transformer_",  # ComfyUI's FLUX key map reads these names
+    network_class="FluxTransformer2DModel", network_subfolder="transformer", network_label="transformer",
+    # FluxPipeline calls the transformer with sigma itself, and shifts sigmas by the image's token count
+    noise_schedule=functools.partial(FlowMatchingSchedule.from_scheduler_config, time_scale=1.0),
+    lora_target_modules=TRANSFORMER_LORA_TARGETS, prepare_network=accept_unpacked_latents,
+    shard_unit_classes=("FluxTransformerBlock", "FluxSingleTransformerBlock"), flow_matching=True,
+    resolution_multiple=16,
+))
 
 
 def get_family(name: str) -> TeacherFamily:
-    """The registered family called ``name`` ("sd", "sdxl", "sd3")."""
+    """The registered family called ``name`` ("sd", "sdxl", "sd3", "flux")."""
     try:
         return FAMILIES[name]
     except KeyError:

@@ -103,8 +103,10 @@ def check_inputs(method_cls, method_config, data_config: ImageDataConfig, cfg: T
     resolution = cfg.resolution if cfg.resolution is not None else native_resolution(info)
     if cfg.max_train_steps is not None and cfg.max_train_steps <= 0:
         raise DistillError(f"--max_train_steps must be positive, got {cfg.max_train_steps}.")
-    if resolution % 8:
-        raise DistillError(f"--resolution must be a multiple of 8, got {resolution}.")
+    multiple = info.family_spec.resolution_multiple
+    if resolution % multiple:
+        raise DistillError(f"--resolution must be a multiple of {multiple} for an {info.family_spec.label} teacher, "
+                           f"got {resolution}.")
     if cfg.dataloader_num_workers is not None and cfg.dataloader_num_workers < 0:
         raise DistillError(f"--dataloader_num_workers must be 0 or more, got {cfg.dataloader_num_workers}.")
     _check_optional_packages(cfg)

@@ -30,8 +30,9 @@ class NoiseSchedule:
         self.prediction_type = prediction_type
 
     @classmethod
-    def from_scheduler_config(cls, config) -> "NoiseSchedule":
-        """Build from any diffusers scheduler config (betas are recomputed by DDPMScheduler)."""
+    def from_scheduler_config(cls, config, latent_shape: tuple[int, ...] | None = None) -> "NoiseSchedule":
+        """Build from any diffusers scheduler config (betas are recomputed by DDPMScheduler; the latent shape does not
+        matter to a DDPM schedule)."""
         from diffusers import DDPMScheduler
 
         scheduler = DDPMScheduler.from_config(config)
@@ -82,29 +83,44 @@ class NoiseSchedule:
 class FlowMatchingSchedule(NoiseSchedule):
     """x_t = (1 - sigma_t) x0 + sigma_t eps with velocity prediction v = eps - x0 (Rectified Flow, Liu et al. 2022;
     SD3, Esser et al. 2024, sec. 2 and eq. 23 for the shift), on the sigma table of diffusers'
-    ``FlowMatchEulerDiscreteScheduler``: t = 0..T-1 holds sigma of timestep t + 1, so sigma_{T-1} = 1 is pure noise."""
+    ``FlowMatchEulerDiscreteScheduler``: t = 0..T-1 holds sigma of timestep t + 1, so sigma_{T-1} = 1 is pure noise.
 
-    def __init__(self, sigmas: torch.Tensor):
+    ``time_scale``: the network is called with sigma_t * time_scale (SD3: T; FLUX.1: 1). ``mu``: the exponential
+    shift of a teacher with resolution-dependent shifting (FLUX.1), fixed by the training resolution.
+    """
+
+    def __init__(self, sigmas: torch.Tensor, time_scale: float = 1000.0, mu: float | None = None):
         self.sigmas = sigmas.float()
         self.alphas = 1 - self.sigmas
         self.alphas_cumprod = self.alphas**2  # alpha_t^2, for code that reads signal power
         self.prediction_type = "flow_prediction"
+        self.time_scale = time_scale
+        self.mu = mu
 
     @classmethod
-    def from_scheduler_config(cls, config) -> "FlowMatchingSchedule":
-        """The training sigmas of a ``FlowMatchEulerDiscreteScheduler`` config, with its static shift applied."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    def from_scheduler_config(cls, config, latent_shape: tuple[int, ...] | None = None,
+                              time_scale: float = 1000.0) -> "FlowMatchingSchedule":
+        """The training sigmas of a ``FlowMatchEulerDiscreteScheduler`` config: its static shift, or its
+        resolution-dependent one at the image tokens (2x2 latent patches) of ``latent_shape`` (C, H, W)."""
+        from .pipelines.scheduler_flow import flow_training_sigmas, resolution_shift
 
-        config = {**config, "use_dynamic_shifting": False}  # FLUX's resolution-dependent shift: see network_timestep
-        return cls(FlowMatchEulerDiscreteScheduler.from_config(config).sigmas.flip(0))
+        mu = None
+        if config.get("use_dynamic_shifting"):
+            if latent_shape is None:
+                raise ValueError("a teacher with resolution-dependent shifting needs the latent shape")
+            mu = resolution_shift((latent_shape[-2] // 2) * (latent_shape[-1] // 2),
+                                  config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                  config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        sigmas = flow_training_sigmas(config.get("num_train_timesteps", 1000), config.get("shift", 1.0), mu)
+        return cls(sigmas, time_scale, mu)
 
     def network_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """sigma_t * T, the timestep diffusers' flow pipelines pass to the transformer."""
-        return self.sigmas.to(t.device)[t.long()] * self.num_train_timesteps
+        """sigma_t * time_scale, the timestep diffusers' flow pipelines pass to the transformer."""
+        return self.sigmas.to(t.device)[t.long()] * self.time_scale
 
     def transition(self, s: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """a = alpha_t / alpha_s, sigma^2 = sigma_t^2 - a^2 sigma_s^2 of q(x_t | x_s) for any Gaussian path (Kingma et
-        al. 2021, VDM, eq. 33)."""
+        """a = alpha_t / alpha_s, sigma^2 = sigma_t^2 - a^2 sigma_s^2 of q(x_t | x_s) for any Gaussian path (VDM,
+        Kingma et al. 2021, sec. 3 and app. A)."""
         a = self.alphas[t.cpu().long()] / self.alphas[s.cpu().long()]
         variance = self.sigmas[t.cpu().long()] ** 2 - a**2 * self.sigmas[s.cpu().long()] ** 2
         return _per_sample(a, like), _per_sample(variance, like)
@@ -175,7 +191,7 @@ def transition_variance(schedule: NoiseSchedule, s: torch.Tensor, t: torch.Tenso
 def posterior_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, s: torch.Tensor,
                             t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of q(x_s | x_t, x_0) for s < t (DDPM, Ho et al. 2020, eq. 6-7, beta_t -> beta_{t|s}; any
-    Gaussian path: VDM, Kingma et al. 2021, eq. 34-35)."""
+    Gaussian path: VDM, Kingma et al. 2021, app. A)."""
     a, beta = schedule.transition(s, t, x_t)
     alpha_s, sigma_s, sigma_t = schedule.alpha(s, x_t), schedule.sigma(s, x_t), schedule.sigma(t, x_t)
     mean = (alpha_s * beta * x0 + a * sigma_s**2 * x_t) / sigma_t**2

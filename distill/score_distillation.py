@@ -133,10 +133,16 @@ def real_and_fake_scores(fake_score: Denoiser, x_t: torch.Tensor, t: torch.Tenso
     """
     view = fake_score.module
     n = x_t.shape[0]
+    w = lcm_form_weight(guidance_scale, x_t)
+    if cond.guidance_embedded:  # a guidance-distilled teacher: the real score is one row at guidance scale 1 + w
+        with adapters_by_row(view.unet, [None] * n + [view.adapter] * n):
+            rows = Cond.cat([cond.with_guidance(1 + w), cond])
+            x0, eps = fake_score(torch.cat([x_t] * 2), torch.cat([t] * 2), rows)
+        (x0_real, _), (eps_real, eps_fake) = x0.chunk(2), eps.chunk(2)
+        return x0_real, eps_real, eps_fake
     with adapters_by_row(view.unet, [None] * (2 * n) + [view.adapter] * n):
         x0, eps = fake_score(torch.cat([x_t] * 3), torch.cat([t] * 3), Cond.cat([cond, uncond, cond]))
     (x0_cond, x0_uncond, _), (eps_cond, eps_uncond, eps_fake) = x0.chunk(3), eps.chunk(3)
-    w = lcm_form_weight(guidance_scale, x_t)
     return guided(x0_cond, x0_uncond, w), guided(eps_cond, eps_uncond, w), eps_fake
 
 

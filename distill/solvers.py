@@ -74,7 +74,11 @@ def guided(cond_value: torch.Tensor, uncond_value: torch.Tensor, w: torch.Tensor
 @torch.no_grad()
 def cfg_teacher_prediction(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond,
                            w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Guided (x0, eps) of the teacher, conditional and unconditional in one batched UNet call."""
+    """Guided (x0, eps) of the teacher, conditional and unconditional in one batched UNet call; a guidance-distilled
+    teacher (FLUX.1-dev) is guided by its guidance input, one call at scale 1 + w (Meng et al. 2023, guidance
+    distillation)."""
+    if cond.guidance_embedded:
+        return teacher(x_t, t, cond.with_guidance(1 + w.float()))
     x0, eps = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([cond, uncond]))
     (cond_x0, uncond_x0), (cond_eps, uncond_eps) = x0.chunk(2), eps.chunk(2)
     return guided(cond_x0, uncond_x0, w), guided(cond_eps, uncond_eps, w)

@@ -40,7 +40,7 @@ def inspect_teacher(path: str, cache_dir: str | None = None, revision: str | Non
     if not index_file.is_file():
         raise DistillError(
             f"{path} is not a diffusers pipeline folder (no model_index.json). Point --pretrained_teacher_model at "
-            "a Stable Diffusion 1.x/2.x, SDXL or SD3/SD3.5 folder saved with save_pretrained."
+            "a Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 folder saved with save_pretrained."
         )
     try:
         index = json.loads(index_file.read_text())
@@ -124,6 +124,6 @@ def load_teacher(info: TeacherInfo, resolution: int, weight_dtype: torch.dtype =
     vae.requires_grad_(False).eval().to(device, vae_dtype)
     conditioner.to(device)
     scheduler_config = DDPMScheduler.load_config(info.path, subfolder="scheduler")  # any scheduler's config file
-    latent_shape = (network.config.in_channels, *(2 * [resolution // vae_scale_factor(vae)]))
-    return LoadedTeacher(info, network, family.noise_schedule(scheduler_config), scheduler_config, conditioner, vae,
-                         latent_shape)
+    latent_shape = (vae.config.latent_channels, *(2 * [resolution // vae_scale_factor(vae)]))
+    return LoadedTeacher(info, network, family.noise_schedule(scheduler_config, latent_shape), scheduler_config,
+                         conditioner, vae, latent_shape)

@@ -304,6 +304,42 @@ def build_tiny_sd3_teacher(folder: str | os.PathLike, seed: int = 0, transformer
     return folder
 
 
+def tiny_flux_transformer(seed: int = 0, latent_channels: int = 4, guidance_embeds: bool = True):
+    """A 1 double- + 1 single-stream FluxTransformer2DModel reading 2x2-packed latents (in_channels = 4 x latent)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+
+
+def build_tiny_flux_teacher(folder: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """Save a tiny FLUX.1-shaped teacher (CLIP-L pooled + T5, packed latents, resolution-dependent flow shift;
+    ``guidance_embeds``: FLUX.1-dev's guidance input, off for FLUX.1-schnell) in the diffusers folder layout."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    folder = Path(folder)
+    vae = tiny_vae(seed, latent_channels=4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False)
+    tokenizer_2 = t5_tokenizer(max_length=512)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                  base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                  max_image_seq_len=4096),
+        vae=vae,
+        text_encoder=tiny_text_encoder(32, 32, with_projection=False, seed=seed + 1),  # pooled 32 = pooled_projection
+        tokenizer=clip_tokenizer(folder / "_tokenizer_src"),
+        text_encoder_2=tiny_t5_encoder(len(tokenizer_2), d_model=32, seed=seed + 2),
+        tokenizer_2=tokenizer_2,
+        transformer=tiny_flux_transformer(seed, vae.config.latent_channels, guidance_embeds),
+    )
+    pipe.save_pretrained(folder)
+    for leftover in (folder / "_tokenizer_src").iterdir():
+        leftover.unlink()
+    (folder / "_tokenizer_src").rmdir()
+    return folder
+
+
 def method_on_teacher(method_cls, config, folder, resolution: int | None = None, prediction_type: str | None = None):
     """(method, loaded teacher): ``method_cls`` on the teacher folder, built as the trainer builds it (load_teacher);
     ``prediction_type`` re-reads the teacher's schedule as eps/v/x0 prediction for tests of each conversion."""

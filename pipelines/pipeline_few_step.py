@@ -1,4 +1,4 @@
-"""Few-step text-to-image pipelines for distilled Stable Diffusion / SDXL / SD3 students.
+"""Few-step text-to-image pipelines for distilled Stable Diffusion / SDXL / SD3 / FLUX.1 students.
 
 This file travels inside exported pipeline folders and is loaded by
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``. It imports only torch,
@@ -9,7 +9,7 @@ say otherwise.
 
 from __future__ import annotations
 
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 
 class _FewStepDefaults:
@@ -60,7 +60,21 @@ class FewStepStableDiffusionXLPipeline(_FewStepDefaults, StableDiffusionXLPipeli
         return super().__call__(*args, **self._with_defaults(kwargs))
 
 
-class FewStepStableDiffusion3Pipeline(_FewStepDefaults, StableDiffusion3Pipeline):
+class _ReNoisingGenerator:
+    """Mixin: a re-noising scheduler draws from the caller's ``generator`` too (diffusers' SD3 and FLUX pipelines do
+    not hand it to ``scheduler.step``), so a seed fixes the whole sample."""
+
+    def _call_with_generator(self, call, args, kwargs):
+        if hasattr(self.scheduler, "noise_generator"):
+            self.scheduler.noise_generator = kwargs.get("generator")
+        try:
+            return call(*args, **self._with_defaults(kwargs))
+        finally:
+            if hasattr(self.scheduler, "noise_generator"):
+                self.scheduler.noise_generator = None
+
+
+class FewStepStableDiffusion3Pipeline(_FewStepDefaults, _ReNoisingGenerator, StableDiffusion3Pipeline):
     """StableDiffusion3Pipeline that samples with the distilled student's step count and guidance by default."""
 
     _optional_components = StableDiffusion3Pipeline._optional_components
@@ -73,12 +87,20 @@ class FewStepStableDiffusion3Pipeline(_FewStepDefaults, StableDiffusion3Pipeline
         self._register_defaults(default_num_inference_steps, default_guidance_scale)
 
     def __call__(self, *args, **kwargs):
-        """The stock call; a re-noising scheduler draws from the caller's ``generator`` too (the stock SD3 pipeline
-        does not hand it to ``scheduler.step``), so a seed fixes the whole sample."""
-        if hasattr(self.scheduler, "noise_generator"):
-            self.scheduler.noise_generator = kwargs.get("generator")
-        try:
-            return super().__call__(*args, **self._with_defaults(kwargs))
-        finally:
-            if hasattr(self.scheduler, "noise_generator"):
-                self.scheduler.noise_generator = None
+        return self._call_with_generator(super().__call__, args, kwargs)
+
+
+class FewStepFluxPipeline(_FewStepDefaults, _ReNoisingGenerator, FluxPipeline):
+    """FluxPipeline that samples with the distilled student's step count and guidance by default."""
+
+    _optional_components = FluxPipeline._optional_components
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
+                 image_encoder=None, feature_extractor=None, default_num_inference_steps: int = 4,
+                 default_guidance_scale: float = 1.0):
+        super().__init__(scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
+                         image_encoder=image_encoder, feature_extractor=feature_extractor)
+        self._register_defaults(default_num_inference_steps, default_guidance_scale)
+
+    def __call__(self, *args, **kwargs):
+        return self._call_with_generator(super().__call__, args, kwargs)

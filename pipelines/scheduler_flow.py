@@ -1,8 +1,9 @@
-"""Few-step sampler of a student distilled from a flow-matching teacher (SD3 / SD3.5), on the teacher's own sigmas.
+"""Few-step sampler of a student distilled from a flow-matching teacher (SD3 / SD3.5, FLUX.1), on the teacher's sigmas.
 
 This file travels inside exported pipeline folders and imports only torch and diffusers. The training toolkit indexes
 the teacher's sigmas by integer timestep t = 0..T-1 (sigma_t is the sigma of ``FlowMatchEulerDiscreteScheduler``'s
-training timestep t + 1, with its shift) and calls the transformer with sigma_t * T; this scheduler uses the same table,
+training timestep t + 1, with its shift) and calls the transformer with sigma_t * T (FLUX.1: sigma_t); this scheduler
+uses the same table (``flow_training_sigmas``, which the toolkit imports from this file),
 so every step lands exactly on a trained sigma. x_t = (1 - sigma_t) x0 + sigma_t eps, and the network predicts the
 velocity v = eps - x0 (Rectified Flow, Liu et al. 2022; SD3, Esser et al. 2024).
 
@@ -38,10 +39,21 @@ class FlowFewStepSchedulerOutput(BaseOutput):
     denoised: torch.Tensor
 
 
-def flow_training_sigmas(num_train_timesteps: int, shift: float) -> torch.Tensor:
-    """sigma_t for t = 0..T-1, ascending: FlowMatchEulerDiscreteScheduler's training sigmas with the static shift."""
-    table = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
-    return table.sigmas.flip(0).float()
+def flow_training_sigmas(num_train_timesteps: int, shift: float, mu: float | None = None) -> torch.Tensor:
+    """sigma_t for t = 0..T-1, ascending: FlowMatchEulerDiscreteScheduler's training sigmas with its static shift, or
+    (``mu`` given, FLUX.1) with the resolution-dependent exponential shift e^mu / (e^mu + 1 / sigma - 1)."""
+    table = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift,
+                                            use_dynamic_shifting=mu is not None)
+    sigmas = table.sigmas if mu is None else table.time_shift(mu, 1.0, table.sigmas)
+    return sigmas.flip(0).float()
+
+
+def resolution_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                     max_shift: float = 1.15) -> float:
+    """mu of the exponential shift, linear in the number of image tokens (FLUX.1's pipelines; SD3, Esser et al. 2024,
+    sec. 5.3.2)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + base_shift - slope * base_seq_len
 
 
 def flow_timestep_grid(num_train_timesteps: int, original_inference_steps: int, num_steps: int, spacing: str,
@@ -76,12 +88,13 @@ class FlowFewStepScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: str = "lcm",
         timestep_scaling: float = 10.0,
         sigma_data: float = 0.5,
+        mu: float | None = None,
     ):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
-        self.training_sigmas = flow_training_sigmas(num_train_timesteps, shift)
+        self.training_sigmas = flow_training_sigmas(num_train_timesteps, shift, mu)
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         # Where re-noising draws from when step() gets no generator: diffusers' SD3 pipeline passes none, so the
@@ -108,9 +121,16 @@ class FlowFewStepScheduler(SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, **kwargs) -> None:
-        """The grid of ``num_inference_steps`` steps; ``timesteps`` holds what the transformer is called with,
-        sigma_t * T, as diffusers' flow pipelines pass it."""
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      sigmas=None, mu: float | None = None) -> None:
+        """The grid of ``num_inference_steps`` steps; ``timesteps`` holds sigma_t * T, what diffusers' flow pipelines
+        call the transformer with (FLUX.1's divide it by T). The student samples on the sigmas it was trained at:
+        of ``sigmas``, which FluxPipeline passes instead of the step count, only the number is used, and ``mu`` is
+        fixed in the config."""
+        if num_inference_steps is None:
+            if sigmas is None:
+                raise ValueError("Pass num_inference_steps (or sigmas, of which only the number is used).")
+            num_inference_steps = len(sigmas)
         if not 1 <= num_inference_steps <= self.config.original_inference_steps:
             raise ValueError(f"num_inference_steps must be in [1, {self.config.original_inference_steps}] "
                              f"(original_inference_steps), got {num_inference_steps}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.testing import build_tiny_sd3_teacher, build_tiny_teacher
+from distill.testing import build_tiny_flux_teacher, build_tiny_sd3_teacher, build_tiny_teacher
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One thread per pytest-xdist worker (two workers share the two cores); two when the suite runs in one process.
@@ -32,6 +32,12 @@ def sdxl_teacher(tmp_path_factory) -> Path:
 def sd3_teacher(tmp_path_factory) -> Path:
     """A tiny SD3-shaped teacher: flow-matching transformer, two CLIP encoders and T5 (distill.testing)."""
     return build_tiny_sd3_teacher(tmp_path_factory.mktemp("teachers") / "tiny-sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def flux_teacher(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-dev-shaped teacher: packed latents, guidance input, CLIP-L pooled + T5 (distill.testing)."""
+    return build_tiny_flux_teacher(tmp_path_factory.mktemp("teachers") / "tiny-flux", seed=0)
 
 
 @pytest.fixture(scope="session", params=["sd", "sdxl"])

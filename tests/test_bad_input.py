@@ -423,7 +423,7 @@ CASES = [
     Case(w_min_above_w_max, "Need 0 <= --w_min <= --w_max, got w_min=<a>, w_max=<b>."),
     Case(unknown_loss_type, "--loss_type must be l2 or huber, got '<value>'."),
     Case(max_train_steps_zero, "--max_train_steps must be positive, got <n>."),
-    Case(resolution_not_multiple_of_8, "--resolution must be a multiple of 8, got <n>."),
+    Case(resolution_not_multiple_of_8, "--resolution must be a multiple of <m> for an <family> teacher, got <n>."),
     Case(resolution_negative, "--resolution must be a positive integer, got <n>."),
     Case(max_train_samples_zero, "--max_train_samples must be a positive number of samples, got <n>."),
     Case(unknown_interpolation, "Unknown interpolation type '<name>'. Pass --interpolation_type with one of:"),

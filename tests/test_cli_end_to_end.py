@@ -36,14 +36,18 @@ FLAGS = ["--checkpointing_steps", "2", "--train_batch_size", "2", "--lora_rank",
          "--validation_steps", "0", "--report_to", "none"]
 LORA_RANK, LORA_ALPHA = 4, 64.0  # --lora_rank above; lora_alpha is LCMConfig's default
 PIPELINE_CLASSES = {"sd": "FewStepStableDiffusionPipeline", "sdxl": "FewStepStableDiffusionXLPipeline",
-                    "sd3": "FewStepStableDiffusion3Pipeline"}
+                    "sd3": "FewStepStableDiffusion3Pipeline", "flux": "FewStepFluxPipeline"}
 STOCK_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                 "sd3": "StableDiffusion3Pipeline"}
-# The LCM student's scheduler: diffusers' LCMScheduler on a DDPM teacher, the shipped flow scheduler on SD3.
-SCHEDULERS = {"sd": "LCMScheduler", "sdxl": "LCMScheduler", "sd3": "FlowFewStepScheduler"}
-SCHEDULER_ENTRIES = {"sd": ["diffusers", "LCMScheduler"], "sdxl": ["diffusers", "LCMScheduler"],
-                     "sd3": ["scheduler_flow", "FlowFewStepScheduler"]}
-NETWORKS = {"sd": "unet", "sdxl": "unet", "sd3": "transformer"}
+                 "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+# The LCM student's scheduler: diffusers' LCMScheduler on a DDPM teacher, the shipped flow scheduler on SD3 and FLUX.
+FLOW = ("sd3", "flux")
+SCHEDULERS = {family: "FlowFewStepScheduler" if family in FLOW else "LCMScheduler" for family in STOCK_CLASSES}
+SCHEDULER_ENTRIES = {family: ["scheduler_flow" if family in FLOW else "diffusers", SCHEDULERS[family]]
+                     for family in STOCK_CLASSES}
+NETWORKS = {family: "transformer" if family in FLOW else "unet" for family in STOCK_CLASSES}
+# The tiny teachers' size (a FLUX transformer config records none); the tiny FLUX transformer's LoRA moves its images
+# less, so it trains at a higher rate to move them measurably in 8 steps.
+EXTRA = {"flux": ["--resolution", "32", "--learning_rate", "1e-3"]}
 
 
 def train(teacher: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -107,13 +111,13 @@ class LCMRun:
     resumed: subprocess.CompletedProcess  # 8 steps, --resume_from_checkpoint latest --checkpoints_total_limit 2
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3"])
+@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3", "flux"])
 def lcm_run(request, tmp_path_factory, image_folder) -> LCMRun:
     """6 steps with a checkpoint every 2, then resumed from the latest checkpoint to 8 keeping at most 2 checkpoints."""
     family = request.param
     teacher = request.getfixturevalue(f"{family}_teacher")
     out = tmp_path_factory.mktemp(f"lcm-{family}") / "out"
-    first = train(teacher, image_folder, out, "--max_train_steps", "6")
+    first = train(teacher, image_folder, out, "--max_train_steps", "6", *EXTRA.get(family, []))
     listing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     partials = [str(p.relative_to(out)) for p in out.rglob("*.partial")] if out.is_dir() else []
     steps = global_steps(out) if out.is_dir() else {}
@@ -121,7 +125,7 @@ def lcm_run(request, tmp_path_factory, image_folder) -> LCMRun:
     ckpt6_file = out / "checkpoint-6" / "unet_trainable.safetensors"
     ckpt6 = load_file(ckpt6_file) if ckpt6_file.is_file() else {}
     resumed = train(teacher, image_folder, out, "--max_train_steps", "8", "--resume_from_checkpoint", "latest",
-                    "--checkpoints_total_limit", "2")
+                    "--checkpoints_total_limit", "2", *EXTRA.get(family, []))
     return LCMRun(family, teacher, out, first, listing, partials, steps, files, ckpt6, resumed)
 
 
@@ -236,15 +240,18 @@ def test_lora_file_holds_only_the_networks_lora_weights(lcm_run):
 STOCK_LOADING = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
-    from diffusers import LCMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (FluxPipeline, LCMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline)
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
     teacher, out, family, prompt, dest = sys.argv[1:6]
-    cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[family]
-    network = "transformer" if family == "sd3" else "unet"
-    if family == "sd3":  # the scheduler's file ships in scheduler/, as the model card shows
+    cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline,
+           "flux": FluxPipeline}[family]
+    flow = family in ("sd3", "flux")
+    network = "transformer" if flow else "unet"
+    if flow:  # the scheduler's file ships in scheduler/, as the model card shows
         sys.path.insert(0, out + "/scheduler")
         from scheduler_flow import FlowFewStepScheduler as LCMScheduler
     pipe = cls.from_pretrained(teacher)
@@ -253,7 +260,7 @@ STOCK_LOADING = textwrap.dedent("""
 
     def sample():
         generator = torch.Generator().manual_seed(0)
-        if family == "sd3":  # the stock SD3 pipeline passes no generator to scheduler.step: re-noising draws from this
+        if flow:  # the stock SD3 and FLUX pipelines pass no generator to scheduler.step: re-noising draws from this
             pipe.scheduler.noise_generator = generator
         return pipe(prompt, num_inference_steps=4, guidance_scale=1.0, height=32, width=32, generator=generator,
                     output_type="np").images

@@ -160,14 +160,18 @@ def test_consistency_step_is_the_trained_consistency_function(schedule):
 SUPPORTED = ["lcm", "pcm", "rectified", "swiftbrush", "dmd2"]
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
 @pytest.mark.parametrize("name", SUPPORTED)
-def test_each_method_samples_on_the_grid_it_trains_on(sd3_teacher, name):
+def test_each_method_samples_on_the_grid_it_trains_on(request, family, name):
+    """The exported scheduler holds the training sigmas (FLUX.1: with the training resolution's shift) and steps on
+    the method's own grid."""
     cls = METHODS[name]
-    method, loaded = method_on_teacher(cls, cls.Config(lora_rank=4), sd3_teacher)
+    method, loaded = method_on_teacher(cls, cls.Config(lora_rank=4), request.getfixturevalue(f"{family}_teacher"), 32)
     spec = method.sampling()
     assert spec.scheduler == "FlowFewStepScheduler"
     scheduler = student_scheduler(loaded.scheduler_config, spec)
     assert isinstance(scheduler, FlowFewStepScheduler) and scheduler.config.shift == SHIFT
+    torch.testing.assert_close(scheduler.training_sigmas, loaded.schedule.sigmas, rtol=0, atol=0)
     scheduler.set_timesteps(spec.num_inference_steps)
     if name == "lcm":
         assert set(scheduler.train_timesteps.tolist()) <= set(method.grid.tolist())
@@ -197,6 +201,20 @@ def test_the_conditioner_builds_the_sd3_pipelines_embeddings(sd3_teacher):
     assert set(cond.unet_kwargs()) == {"encoder_hidden_states", "pooled_projections"}
 
 
+def test_kohya_names_are_the_ones_comfyui_maps_for_flux():
+    """FLUX.1: lora_transformer_<diffusers path>; ComfyUI's FLUX key map (flux_to_diffusers) covers every double-stream
+    target and the single-stream blocks' q, k, v (slices of their fused linear1)."""
+    from distill.families import FLUX
+    from distill.testing import tiny_flux_transformer
+
+    transformer = tiny_flux_transformer()
+    add_lora(transformer, FLUX.lora_target_modules, rank=4)
+    names = kohya_module_names(transformer, "flux")
+    singles = {path.split(".", 2)[2] for path in names if path.startswith("single_transformer_blocks.")}
+    assert singles == {"attn.to_q", "attn.to_k", "attn.to_v"} and len(names) == 12 + 3
+    assert all(name == "lora_transformer_" + path.replace(".", "_") for path, name in names.items())
+
+
 def test_kohya_names_are_the_ones_comfyui_maps_for_sd3():
     """lora_transformer_<diffusers path> for every adapted module, each a module ComfyUI's SD3 key map covers: the
     attention projections of both streams (mmdit_to_diffusers) and both feed-forwards (MMDIT_MAP_BLOCK)."""
@@ -213,20 +231,23 @@ def test_kohya_names_are_the_ones_comfyui_maps_for_sd3():
         assert name == "lora_transformer_" + path.replace(".", "_")
 
 
-@pytest.mark.parametrize("method, flags, message", [
-    ("ufogen", [], "UFOGen's diffusion-GAN discriminator reads the encoder features of a UNet"),
-    ("pcm", ["--adv_weight", "0.1"], "Pass --adv_weight 0"),
-    ("dmd2", ["--gen_cls_loss_weight", "0.01"], "Pass --gen_cls_loss_weight 0"),
+@pytest.mark.parametrize("family, method, flags, message", [
+    ("sd3", "ufogen", [], "UFOGen's diffusion-GAN discriminator reads the encoder features of a UNet"),
+    ("flux", "ufogen", [], "UFOGen's diffusion-GAN discriminator reads the encoder features of a UNet"),
+    ("sd3", "pcm", ["--adv_weight", "0.1"], "Pass --adv_weight 0"),
+    ("sd3", "dmd2", ["--gen_cls_loss_weight", "0.01"], "Pass --gen_cls_loss_weight 0"),
 ])
-def test_a_discriminator_on_an_sd3_teacher_is_refused_before_training(sd3_teacher, image_folder, tmp_path, capsys,
-                                                                       method, flags, message):
+def test_a_discriminator_on_a_transformer_teacher_is_refused_before_training(request, image_folder, tmp_path, capsys,
+                                                                             family, method, flags, message):
     from distill.__main__ import run
+    from distill.families import get_family
 
-    code = run([method, "--pretrained_teacher_model", str(sd3_teacher), "--train_data_dir", str(image_folder),
-                "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1", *flags])
+    teacher = request.getfixturevalue(f"{family}_teacher")
+    code = run([method, "--pretrained_teacher_model", str(teacher), "--train_data_dir", str(image_folder),
+                "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1", "--resolution", "32", *flags])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code != 0 and len(errors) == 1
-    assert message in errors[0] and "SD3/SD3.5" in errors[0]
+    assert message in errors[0] and get_family(family).label in errors[0]
     assert not (tmp_path / "out" / "checkpoint-1").exists()
 
 
@@ -255,3 +276,87 @@ def test_pairs_of_an_sd3_teacher_are_its_flow_ode_solution(sd3_teacher, tmp_path
     error = (pairs - reference).abs().max()
     assert error < 0.02 * reference.abs().max()
     assert error < (euler(25) - reference).abs().max()
+
+
+# ------------------------------------------------------------------------------------------ FLUX.1
+
+
+def test_packing_is_fluxpipelines_and_round_trips():
+    from diffusers import FluxPipeline
+
+    from distill.packing import latent_image_ids, pack_latents, unpack_latents
+
+    latents = torch.randn(2, 4, 8, 12)
+    packed = pack_latents(latents)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(latents, 2, 4, 8, 12), rtol=0, atol=0)
+    torch.testing.assert_close(unpack_latents(packed, 8, 12), latents, rtol=0, atol=0)
+    torch.testing.assert_close(latent_image_ids(8, 12, "cpu", torch.float32),
+                               FluxPipeline._prepare_latent_image_ids(2, 4, 6, "cpu", torch.float32))
+
+
+def test_the_flux_network_takes_unpacked_latents_and_passes_packed_ones_through(flux_teacher):
+    """The loaded transformer on (B, C, H, W) latents equals the bare transformer on FluxPipeline's packed inputs."""
+    from diffusers import FluxTransformer2DModel
+
+    from distill.families import FLUX
+    from distill.packing import latent_image_ids, pack_latents, unpack_latents
+
+    hooked = FLUX.load_network(str(flux_teacher))
+    bare = FluxTransformer2DModel.from_pretrained(flux_teacher, subfolder="transformer")
+    generator = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 7, 32, generator=generator)
+    kwargs = dict(encoder_hidden_states=text, pooled_projections=torch.randn(2, 32, generator=generator),
+                  timestep=torch.tensor([0.9, 0.3]), guidance=torch.tensor([1.0, 3.5]), return_dict=False)
+    with torch.no_grad():
+        out = hooked(latents, **kwargs)[0]
+        packed = pack_latents(latents)
+        reference = bare(packed, img_ids=latent_image_ids(16, 16, "cpu", torch.float32), txt_ids=torch.zeros(7, 3),
+                         **kwargs)[0]
+        passed_through = hooked(packed, img_ids=latent_image_ids(16, 16, "cpu", torch.float32),
+                                txt_ids=torch.zeros(7, 3), **kwargs)[0]
+    assert out.shape == latents.shape
+    torch.testing.assert_close(out, unpack_latents(reference, 16, 16))
+    torch.testing.assert_close(passed_through, reference)
+
+
+def test_flux_conditioner_and_schedule_are_fluxpipelines(flux_teacher):
+    """Prompt embeddings as FluxPipeline.encode_prompt builds them, the guidance input, and the training sigmas:
+    FluxPipeline's resolution-dependent shift mu at the training size, with the transformer called at sigma."""
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from distill.teacher import inspect_teacher, load_teacher
+
+    loaded = load_teacher(inspect_teacher(str(flux_teacher)), 32)
+    prompts = ["a photo of three", "seven"]
+    cond = loaded.conditioner.encode(prompts)
+    pipe = FluxPipeline.from_pretrained(flux_teacher)
+    embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, max_sequence_length=512)
+    torch.testing.assert_close(cond.prompt_embeds, embeds)
+    torch.testing.assert_close(cond.pooled_prompt_embeds, pooled)
+    assert cond.guidance_embedded and cond.extra["guidance"].tolist() == [1.0, 1.0]
+
+    schedule = loaded.schedule
+    assert loaded.latent_shape == (4, 16, 16)
+    mu = calculate_shift(8 * 8)  # 16x16 latents are 64 packed tokens; FluxPipeline's defaults equal the config's
+    assert schedule.mu == pytest.approx(mu)
+    shifted = pipe.scheduler.time_shift(mu, 1.0, torch.tensor([0.25, 0.5, 1.0]))
+    torch.testing.assert_close(schedule.sigmas[torch.tensor([249, 499, 999])], shifted.float())
+    torch.testing.assert_close(schedule.network_timestep(torch.tensor([499])), schedule.sigmas[499:500])
+
+
+def test_a_guidance_distilled_teacher_is_guided_by_its_guidance_input(flux_teacher):
+    """CFG-augmented teacher step on FLUX.1-dev: one call at guidance input 1 + w, no unconditional pass."""
+    from distill.conditioning import Cond
+    from distill.solvers import cfg_teacher_prediction
+
+    method, loaded = method_on_teacher(METHODS["lcm"], METHODS["lcm"].Config(lora_rank=4), flux_teacher, 32)
+    cond = loaded.conditioner.encode(["seven", "three"])
+    wrong_uncond = Cond(torch.zeros_like(cond.prompt_embeds), cond.pooled_prompt_embeds, extra=cond.extra)
+    x_t, t, w = torch.randn(2, *loaded.latent_shape), torch.tensor([999, 400]), torch.tensor([2.0, 6.0])
+    with torch.no_grad(), method.denoiser().as_teacher() as teacher:
+        guided = cfg_teacher_prediction(teacher, x_t, t, cond, wrong_uncond, w)
+        direct = teacher(x_t, t, cond.with_guidance(torch.tensor([3.0, 7.0])))
+        unguided = teacher(x_t, t, cond)
+    torch.testing.assert_close(guided[0], direct[0])
+    assert (guided[0] - unguided[0]).abs().max() > 1e-4

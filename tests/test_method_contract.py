@@ -27,7 +27,7 @@ from distill.export import method_description, student_scheduler, write_model_ca
 from distill.lora import LoRASettings
 from distill.methods import METHODS, LatentBatch, Method, SamplingSpec, Teacher
 from distill.trainer import Trainer, TrainConfig, stepped_groups
-from distill.testing import method_on_teacher
+from distill.testing import TINY_RESOLUTION, method_on_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a handwritten digit seven", "a red square"]
@@ -35,18 +35,20 @@ PROMPTS = ["a handwritten digit seven", "a red square"]
 CASES = [(name, {}) for name in METHODS] + [("pcm", {"adv_weight": 0.1}), ("dmd2", {"gen_cls_loss_weight": 0.0}),
                                                ("dmd2", {"gen_cls_loss_weight": 0.0, "regression_loss_weight": 1.0})]
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in overrides.items()) for name, overrides in CASES]
-# The same contract on a flow-matching transformer teacher (SD3), for every case that does not need a discriminator on a
-# UNet's encoder (UFOGen's, PCM's adversarial heads, DMD2's classifier: refused on SD3, see test_flow_matching.py).
-SD3_CASES = [(name, overrides) for name, overrides in CASES
-             if name != "ufogen" and not overrides.get("adv_weight") and "gen_cls_loss_weight" not in overrides]
-FAMILY_CASES = [("sd", *case) for case in CASES] + [("sd3", *case) for case in SD3_CASES]
-FAMILY_CASE_IDS = [f"sd-{i}" for i in CASE_IDS] + [f"sd3-{CASE_IDS[CASES.index(case)]}" for case in SD3_CASES]
+# The same contract on the flow-matching transformer teachers (SD3, FLUX.1-dev), for every case that does not need a
+# discriminator on a UNet's encoder (UFOGen's, PCM's adversarial heads, DMD2's classifier: refused there, see
+# test_flow_matching.py).
+FLOW_CASES = [(name, overrides) for name, overrides in CASES
+              if name != "ufogen" and not overrides.get("adv_weight") and "gen_cls_loss_weight" not in overrides]
+FAMILY_CASES = [("sd", *case) for case in CASES] + [(family, *case) for family in ("sd3", "flux")
+                                                     for case in FLOW_CASES]
+FAMILY_CASE_IDS = [f"{family}-{CASE_IDS[CASES.index((name, overrides))]}" for family, name, overrides in FAMILY_CASES]
 
 
 def build(teacher_folder: Path, name: str, overrides: dict):
     """(method, loaded teacher), built as Trainer._build_method builds it."""
     cls = METHODS[name]
-    return method_on_teacher(cls, cls.Config(**overrides), teacher_folder)
+    return method_on_teacher(cls, cls.Config(**overrides), teacher_folder, resolution=TINY_RESOLUTION)
 
 
 def make_batch(method: Method, loaded, seed: int = 0) -> LatentBatch:

@@ -15,7 +15,7 @@ import torch
 from distill.conditioning import Cond, TextConditioner
 from distill.teacher import inspect_teacher
 from distill.denoiser import Denoiser
-from distill.families import FAMILIES, SD, SD3, SDXL, family_label, get_family
+from distill.families import FAMILIES, FLUX, SD, SD3, SDXL, family_label, get_family
 from distill.teacher import load_teacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,19 +32,20 @@ def loaded(sd_teacher, sdxl_teacher):
 # ----------------------------------------------------------------------------------------------- the registry
 
 
-def test_registry_detects_each_tiny_teacher(sd_teacher, sdxl_teacher, sd3_teacher):
-    sd, sdxl, sd3 = (inspect_teacher(str(folder)) for folder in (sd_teacher, sdxl_teacher, sd3_teacher))
-    assert (sd.family_spec, sdxl.family_spec, sd3.family_spec) == (SD, SDXL, SD3)
+def test_registry_detects_each_tiny_teacher(sd_teacher, sdxl_teacher, sd3_teacher, flux_teacher):
+    folders = (sd_teacher, sdxl_teacher, sd3_teacher, flux_teacher)
+    sd, sdxl, sd3, flux = (inspect_teacher(str(folder)) for folder in folders)
+    assert (sd.family_spec, sdxl.family_spec, sd3.family_spec, flux.family_spec) == (SD, SDXL, SD3, FLUX)
     # the names distill_config.json, checkpoints, pairs.json record
-    assert (sd.family, sdxl.family, sd3.family) == ("sd", "sdxl", "sd3")
-    assert FAMILIES == {"sd": SD, "sdxl": SDXL, "sd3": SD3} and get_family("sdxl") is SDXL
-    assert (family_label("sd"), family_label("sdxl"), family_label("sd3"), family_label("flux")) == (
-        "SD 1.x/2.x", "SDXL", "SD3/SD3.5", "flux")
+    assert (sd.family, sdxl.family, sd3.family, flux.family) == ("sd", "sdxl", "sd3", "flux")
+    assert FAMILIES == {"sd": SD, "sdxl": SDXL, "sd3": SD3, "flux": FLUX} and get_family("sdxl") is SDXL
+    assert (family_label("sd"), family_label("sdxl"), family_label("sd3"), family_label("flux"),
+            family_label("hunyuan")) == ("SD 1.x/2.x", "SDXL", "SD3/SD3.5", "FLUX.1", "hunyuan")
     assert (sd.force_zeros_for_empty_prompt, sdxl.force_zeros_for_empty_prompt) == (False, True)
     assert sd3.force_zeros_for_empty_prompt is False and SD3.flow_matching and not SDXL.flow_matching
 
 
-@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux"])
 def test_each_family_pipeline_class_loads_its_teacher_folder(name, request):
     import distill.pipelines.pipeline_few_step as few_step
 

@@ -34,13 +34,16 @@ FLOW_SAMPLERS = {
 FLOW_KEPT_SETTINGS = ("original_inference_steps", "timestep_scaling")
 
 
-def on_flow_teacher(spec: SamplingSpec) -> SamplingSpec:
-    """``spec`` for a student of a flow-matching teacher: FlowFewStepScheduler with the same rule and grid."""
+def on_flow_teacher(spec: SamplingSpec, schedule: NoiseSchedule) -> SamplingSpec:
+    """``spec`` for a student of a flow-matching teacher: FlowFewStepScheduler with the same rule and grid, on the
+    sigmas the student trained at (a resolution-dependent shift, FLUX.1's, is fixed by its ``mu``)."""
     if spec.scheduler not in FLOW_SAMPLERS:
         raise ValueError(f"no flow-matching counterpart of {spec.scheduler}")
     settings = {k: v for k, v in spec.scheduler_config.items() if k in FLOW_KEPT_SETTINGS}
     if spec.scheduler == "DDIMScheduler":  # trailing spacing on all training timesteps
-        settings["original_inference_steps"] = 1000
+        settings["original_inference_steps"] = schedule.num_train_timesteps
+    if getattr(schedule, "mu", None) is not None:
+        settings["mu"] = schedule.mu
     return SamplingSpec("FlowFewStepScheduler", spec.num_inference_steps, spec.guidance_scale,
                         {**FLOW_SAMPLERS[spec.scheduler], **settings})
 
@@ -104,7 +107,9 @@ class Method(abc.ABC):
     def sampling(self) -> SamplingSpec:
         """``export_defaults`` for this teacher's family (a flow-matching teacher samples on its own sigmas)."""
         spec = self.export_defaults()
-        return on_flow_teacher(spec) if self.teacher.info.family_spec.flow_matching else spec
+        if not self.teacher.info.family_spec.flow_matching:
+            return spec
+        return on_flow_teacher(spec, self.teacher.schedule)
 
     @classmethod
     def data_kind_for(cls, config) -> str:

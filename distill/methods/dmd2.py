@@ -52,6 +52,9 @@ REFERENCE_DEFAULTS = {
     # classifier reads a UNet's bottleneck.
     "sd3": {"real_guidance_scale": 7.0, "dfake_gen_update_ratio": 5, "gen_cls_loss_weight": 0.0,
             "num_denoising_step": 4},
+    # Nor on FLUX.1: the same, with FluxPipeline's default guidance 3.5 (FLUX.1-dev's guidance input).
+    "flux": {"real_guidance_scale": 3.5, "dfake_gen_update_ratio": 5, "gen_cls_loss_weight": 0.0,
+             "num_denoising_step": 4},
 }
 
 
