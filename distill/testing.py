@@ -171,6 +171,15 @@ def ddpm_scheduler(prediction_type: str = "epsilon"):
     return scheduler
 
 
+def save_tiny_pipeline(pipe, folder: Path) -> Path:
+    """Save ``pipe`` to ``folder`` and remove the tokenizer files the builders wrote there first."""
+    pipe.save_pretrained(folder)
+    for leftover in (folder / "_tokenizer_src").iterdir():
+        leftover.unlink()
+    (folder / "_tokenizer_src").rmdir()
+    return folder
+
+
 def build_tiny_teacher(
     folder: str | os.PathLike,
     sdxl: bool = False,
@@ -208,11 +217,7 @@ def build_tiny_teacher(
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    pipe.save_pretrained(folder)
-    for leftover in (folder / "_tokenizer_src").iterdir():
-        leftover.unlink()
-    (folder / "_tokenizer_src").rmdir()
-    return folder
+    return save_tiny_pipeline(pipe, folder)
 
 
 def t5_tokenizer(max_length: int = 256):
@@ -297,11 +302,7 @@ def build_tiny_sd3_teacher(folder: str | os.PathLike, seed: int = 0, transformer
         text_encoder_3=tiny_t5_encoder(len(tokenizer_3), d_model=32, seed=seed + 3),
         tokenizer_3=tokenizer_3,
     )
-    pipe.save_pretrained(folder)
-    for leftover in (folder / "_tokenizer_src").iterdir():
-        leftover.unlink()
-    (folder / "_tokenizer_src").rmdir()
-    return folder
+    return save_tiny_pipeline(pipe, folder)
 
 
 def tiny_flux_transformer(seed: int = 0, latent_channels: int = 4, guidance_embeds: bool = True):
@@ -333,11 +334,7 @@ def build_tiny_flux_teacher(folder: str | os.PathLike, seed: int = 0, guidance_e
         tokenizer_2=tokenizer_2,
         transformer=tiny_flux_transformer(seed, vae.config.latent_channels, guidance_embeds),
     )
-    pipe.save_pretrained(folder)
-    for leftover in (folder / "_tokenizer_src").iterdir():
-        leftover.unlink()
-    (folder / "_tokenizer_src").rmdir()
-    return folder
+    return save_tiny_pipeline(pipe, folder)
 
 
 def method_on_teacher(method_cls, config, folder, resolution: int | None = None, prediction_type: str | None = None):

@@ -103,6 +103,8 @@ class FlowFewStepScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
 
+    # Copied from scheduler_pcm.PCMScheduler: the step-index bookkeeping every scheduler needs. Each scheduler file
+    # travels alone inside exported folders, so it cannot import the other.
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 

@@ -360,3 +360,15 @@ def test_a_guidance_distilled_teacher_is_guided_by_its_guidance_input(flux_teach
         unguided = teacher(x_t, t, cond)
     torch.testing.assert_close(guided[0], direct[0])
     assert (guided[0] - unguided[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family, rows_per_step", [("sd3", 2), ("flux", 1)])
+def test_evaluation_counts_a_transformer_teachers_evaluations(request, family, rows_per_step):
+    """NFE per image of the stock pipeline: SD3's CFG is two rows per step, FLUX.1-dev's guidance input one."""
+    from distill.evaluate.sampling import generate
+    from distill.families import get_family
+
+    folder = request.getfixturevalue(f"{family}_teacher")
+    pipe = get_family(family).pipeline_class().from_pretrained(folder)
+    samples = generate(pipe, ["seven", "three"], num_inference_steps=3, guidance_scale=4.0, height=32, width=32)
+    assert samples.images.shape == (2, 32, 32, 3) and samples.nfe_per_image == 3 * rows_per_step

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DistillError
 from .image_files import write_png
-from .sampling import count_unet_evaluations, to_uint8
+from .sampling import count_unet_evaluations, denoiser_network, to_uint8
 
 MANIFEST = "generation.json"
 
@@ -109,7 +109,7 @@ def generate_to_folder(pipe, prompts: list[str], folder: str | os.PathLike, num_
     mine = batches[state.process_index::state.num_processes]
     done = len(prompts) - len(todo)
     pipe.set_progress_bar_config(disable=True)
-    with count_unet_evaluations(pipe.unet) as counter, \
+    with count_unet_evaluations(denoiser_network(pipe)) as counter, \
             tqdm(total=done + sum(map(len, mine)), initial=done, desc=desc or folder.name, unit="image",
                  dynamic_ncols=True, disable=not state.is_main_process) as bar:
         for batch in mine:

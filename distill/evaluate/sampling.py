@@ -24,13 +24,19 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
+def denoiser_network(pipe) -> torch.nn.Module:
+    """The pipeline's denoiser network: its UNet (SD, SDXL) or transformer (SD3, FLUX.1)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
 @contextlib.contextmanager
 def count_unet_evaluations(unet: torch.nn.Module):
-    """Count UNet evaluations as rows pushed through forward (a CFG step on a batch of one counts 2)."""
+    """Count denoiser evaluations as rows pushed through forward (a CFG step on a batch of one counts 2)."""
     counter = {"rows": 0}
 
     def hook(module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         counter["rows"] += sample.shape[0]
 
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
@@ -47,7 +53,7 @@ def generate(pipe, prompts: list[str], num_inference_steps: int, guidance_scale:
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
     chunks = []
-    with count_unet_evaluations(pipe.unet) as counter:
+    with count_unet_evaluations(denoiser_network(pipe)) as counter:
         started = time.perf_counter()
         for start in range(0, len(prompts), batch_size):
             out = pipe(prompts[start: start + batch_size], num_inference_steps=num_inference_steps,
