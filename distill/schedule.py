@@ -52,6 +52,11 @@ class NoiseSchedule:
         ratio = self.alphas_cumprod[t.cpu().long()] / self.alphas_cumprod[s.cpu().long()]
         return _per_sample(ratio.sqrt(), like), _per_sample(1 - ratio, like)
 
+    def regression_target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """What a denoising regression on this teacher compares: eps (DDPM, Ho et al. 2020, eq. 14; the loss of
+        Rectified Diffusion and of SwiftBrush's fake score)."""
+        return eps
+
     def alpha(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return _per_sample(self.alphas[t.cpu().long()], like)
 
@@ -113,6 +118,11 @@ class FlowMatchingSchedule(NoiseSchedule):
                                   config.get("base_shift", 0.5), config.get("max_shift", 1.15))
         sigmas = flow_training_sigmas(config.get("num_train_timesteps", 1000), config.get("shift", 1.0), mu)
         return cls(sigmas, time_scale, mu)
+
+    def regression_target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The velocity v = eps - x0, what a flow-matching teacher regresses (Rectified Flow, Liu et al. 2022, eq. 1;
+        reflow on teacher pairs)."""
+        return eps - x0
 
     def network_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """sigma_t * time_scale, the timestep diffusers' flow pipelines pass to the transformer."""

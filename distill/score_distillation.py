@@ -165,7 +165,9 @@ def vsd_gradient(fake_score: Denoiser, x0: torch.Tensor, x_t: torch.Tensor, t: t
 def fake_score_loss(fake_score: Denoiser, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                     cond: Cond) -> torch.Tensor:
     """||eps_phi(alpha_t sg(x0) + sigma_t eps, t, y) - eps||^2: denoising score matching of the fake score on the
-    generator's samples (SwiftBrush, Algorithm 1, lines 13-14; ProlificDreamer; DMD sec. 3.2, in eps form)."""
-    x_t = fake_score.schedule.add_noise(x0.detach(), eps, t)
-    _, eps_fake = fake_score(x_t, t, cond)
-    return distance(eps_fake, eps, "l2")
+    generator's samples (SwiftBrush, Algorithm 1, lines 13-14; ProlificDreamer; DMD sec. 3.2, in eps form; in velocity
+    form on a flow-matching teacher, ``NoiseSchedule.regression_target``)."""
+    schedule = fake_score.schedule
+    x_t = schedule.add_noise(x0.detach(), eps, t)
+    x0_fake, eps_fake = fake_score(x_t, t, cond)
+    return distance(schedule.regression_target(x0_fake, eps_fake), schedule.regression_target(x0.detach(), eps), "l2")

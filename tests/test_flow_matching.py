@@ -372,3 +372,27 @@ def test_evaluation_counts_a_transformer_teachers_evaluations(request, family, r
     pipe = get_family(family).pipeline_class().from_pretrained(folder)
     samples = generate(pipe, ["seven", "three"], num_inference_steps=3, guidance_scale=4.0, height=32, width=32)
     assert samples.images.shape == (2, 32, 32, 3) and samples.nfe_per_image == 3 * rows_per_step
+
+
+def test_reflow_on_an_sd3_teacher_regresses_the_velocity(sd3_teacher):
+    """Rectified diffusion's pairs loss on a flow teacher: || v_theta(x_t, t) - (eps - x0_hat) ||^2 with the pair's
+    own noise (Rectified Flow, Liu et al. 2022, eq. 1), v_theta read straight from the transformer."""
+    from distill.methods import LatentBatch
+
+    cls = METHODS["rectified"]
+    method, loaded = method_on_teacher(cls, cls.Config(lora_rank=4, loss_type="l2"), sd3_teacher)
+    torch.nn.init.normal_(next(p for n, p in method.nets["unet"].named_parameters() if "lora_B" in n), std=0.1)
+    generator = torch.Generator().manual_seed(0)
+    x0_hat, eps = (torch.randn(2, *loaded.latent_shape, generator=generator) for _ in range(2))
+    cond = loaded.conditioner.encode(["seven", "three"])
+    batch = LatentBatch(x0_hat, cond, loaded.conditioner.unconditional(2), eps)
+    torch.manual_seed(3)
+    loss = method.loss(batch, 0)["unet"]
+    torch.manual_seed(3)
+    t = torch.randint(0, 1000, (2,))
+    sigma = loaded.schedule.sigmas[t].view(-1, 1, 1, 1)
+    x_t = (1 - sigma) * x0_hat + sigma * eps
+    with torch.no_grad():
+        velocity = method.nets["unet"](x_t, timestep=sigma.flatten() * 1000, encoder_hidden_states=cond.prompt_embeds,
+                                       pooled_projections=cond.pooled_prompt_embeds).sample
+    torch.testing.assert_close(loss.detach(), (velocity - (eps - x0_hat)).pow(2).mean())

@@ -324,8 +324,10 @@ class DMD2(Method):
         fake_score = self.denoiser("fake_score")
         network = getattr(fake_score.module, "unet", fake_score.module)
         with capture_bottleneck(network) if self.config.gan else contextlib.nullcontext() as bottleneck:
-            _, eps_fake = fake_score(torch.cat(rows), torch.cat(steps), Cond.cat(conds))
-        loss = distance(eps_fake[:batch_size], eps, "l2")
+            x0_fake, eps_fake = fake_score(torch.cat(rows), torch.cat(steps), Cond.cat(conds))
+        schedule = self.teacher.schedule
+        loss = distance(schedule.regression_target(x0_fake[:batch_size], eps_fake[:batch_size]),
+                        schedule.regression_target(x0, eps), "l2")
         if self.config.gan:
             logits_fake, logits_real = self.nets[CLASSIFIER](bottleneck[0][batch_size:]).chunk(2)
             classification = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()

@@ -171,16 +171,19 @@ class RectifiedDiffusion(Method):
 
     # ------------------------------------------------------------------------------------------ losses
     def pairs_loss(self, batch: LatentBatch) -> torch.Tensor:
-        """Rectified Diffusion eps-prediction loss on a coupled pair (Wang et al. 2024, Algorithm 4)."""
+        """Rectified Diffusion eps-prediction loss on a coupled pair (Wang et al. 2024, Algorithm 4); on a flow-matching
+        teacher reflow's velocity regression (Rectified Flow, Liu et al. 2022, eq. 1 on teacher pairs)."""
         x0_hat, eps = batch.latents, batch.noise
+        schedule = self.teacher.schedule
         # 1. Sample t uniformly on the teacher's training timesteps.
         t = self.sample_timesteps(x0_hat.shape[0], x0_hat.device)
         # 2. x_t = alpha_t x0_hat + sigma_t eps with the pair's own noise (not fresh noise).
-        x_t = self.teacher.schedule.add_noise(x0_hat, eps, t)
-        # 3. Predict the noise with the student.
-        _, eps_hat = self.denoiser()(x_t, t, batch.cond)
-        # 4. L = || eps_hat - eps ||^2.
-        return distance(eps_hat, eps, self.config.loss_type, self.config.huber_c)
+        x_t = schedule.add_noise(x0_hat, eps, t)
+        # 3. Predict with the student.
+        x0_pred, eps_hat = self.denoiser()(x_t, t, batch.cond)
+        # 4. L = || eps_hat - eps ||^2 (flow teacher: || v_hat - (eps - x0_hat) ||^2).
+        return distance(schedule.regression_target(x0_pred, eps_hat), schedule.regression_target(x0_hat, eps),
+                        self.config.loss_type, self.config.huber_c)
 
     def phased_loss(self, batch: LatentBatch) -> torch.Tensor:
         """Phased Rectified Diffusion: straighten the teacher's ODE inside each phase (Wang et al. 2024, phased)."""
