@@ -396,3 +396,20 @@ def test_reflow_on_an_sd3_teacher_regresses_the_velocity(sd3_teacher):
         velocity = method.nets["unet"](x_t, timestep=sigma.flatten() * 1000, encoder_hidden_states=cond.prompt_embeds,
                                        pooled_projections=cond.pooled_prompt_embeds).sample
     torch.testing.assert_close(loss.detach(), (velocity - (eps - x0_hat)).pow(2).mean())
+
+
+def test_a_flux_teacher_without_a_guidance_input_gets_two_pass_cfg(tmp_path):
+    """FLUX.1-schnell's shape (no guidance_embeds): no guidance input in the condition, and the CFG-augmented teacher
+    step is (1 + w) cond - w uncond over two rows, as on every other teacher."""
+    from distill.solvers import cfg_teacher_prediction
+    from distill.testing import build_tiny_flux_teacher
+
+    folder = build_tiny_flux_teacher(tmp_path / "schnell", guidance_embeds=False)
+    method, loaded = method_on_teacher(METHODS["lcm"], METHODS["lcm"].Config(lora_rank=4), folder, 32)
+    cond, uncond = loaded.conditioner.encode(["seven"]), loaded.conditioner.unconditional(1)
+    assert not cond.guidance_embedded and not uncond.guidance_embedded
+    x_t, t, w = torch.randn(1, *loaded.latent_shape), torch.tensor([500]), torch.tensor([3.0])
+    with torch.no_grad(), method.denoiser().as_teacher() as teacher:
+        guided = cfg_teacher_prediction(teacher, x_t, t, cond, uncond, w)
+        conditional, unconditional = teacher(x_t, t, cond), teacher(x_t, t, uncond)
+    torch.testing.assert_close(guided[0], 4.0 * conditional[0] - 3.0 * unconditional[0], atol=1e-5, rtol=1e-5)
