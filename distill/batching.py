@@ -70,7 +70,8 @@ class BatchEncoder:
         else:
             latents = batch["latents"].float() if "latents" in batch else None
         if "prompt_embeds" in batch:
-            cond = Cond(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"), batch.get("time_ids"))
+            extra = {key[len(EXTRA_PREFIX):]: value for key, value in batch.items() if key.startswith(EXTRA_PREFIX)}
+            cond = Cond(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"), batch.get("time_ids"), extra)
         else:
             cond = self.encode_text(batch)
         cond = cond.to(device, torch.float32)
@@ -84,6 +85,9 @@ class BatchEncoder:
             keep = torch.rand(batch_size) >= self.proportion_empty_prompts
             cond = cond.where(keep, uncond)
         return LatentBatch(latents, cond, uncond, noise)
+
+
+EXTRA_PREFIX = "extra."  # cached Cond.extra inputs (FLUX.1-dev's guidance) are stored as "extra.<name>"
 
 
 class CachedLatents(torch.utils.data.Dataset):
@@ -109,13 +113,14 @@ class CachedLatents(torch.utils.data.Dataset):
         if path.is_file():
             return cls(load_file(path))
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in cls.KEYS}
+        parts: dict[str, list[torch.Tensor]] = {}
         for batch in tqdm(loader, desc="Caching latents and text embeddings", disable=not show_progress):
             cond = encoder.encode_text(batch)
-            values = (encoder.encode_images(batch["pixel_values"]), *cond.tensors())
-            for key, value in zip(cls.KEYS, values):
+            values = dict(zip(cls.KEYS, (encoder.encode_images(batch["pixel_values"]), *cond.tensors())))
+            values.update({EXTRA_PREFIX + name: value for name, value in cond.extra.items()})
+            for key, value in values.items():
                 if value is not None:
-                    parts[key].append(value.float().cpu())
+                    parts.setdefault(key, []).append(value.float().cpu())
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")

@@ -10,6 +10,7 @@ family (distill/families.py); methods only ever see :class:`Cond`.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -144,6 +145,17 @@ class TextConditioner(abc.ABC):
     @property
     def device(self):
         return self.text_encoders[0].device
+
+    @contextlib.contextmanager
+    def placed_on(self, device):
+        """The text encoders on ``device`` for the block, then back where they were (the trainer moves them to the
+        CPU once ``--cache_latents`` has stored every embedding: T5-XXL alone holds 8.9 GiB of GPU memory)."""
+        previous = self.device
+        self.to(device)
+        try:
+            yield self
+        finally:
+            self.to(previous)
 
     @abc.abstractmethod
     def encode(self, prompts: list[str], original_size=None, crop_top_left=None) -> Cond:

@@ -232,6 +232,8 @@ class Trainer:
                 train_set = CachedLatents.build(train_set, collate, encoder, cache_file, cfg.vae_encode_batch_size,
                                                 show_progress=accelerator.is_local_main_process)
             collate = None
+            encoder.uncond(1)  # the one embedding steps still need, computed while the encoders are on the device
+            encoder.conditioner.to("cpu")  # until validation and export bring them back
         # accelerate's seedable sampler reseeds this generator from (seed, epoch) at every epoch: the same order on
         # every process and after a resume.
         on_gpu = accelerator.device.type == "cuda"
@@ -449,8 +451,9 @@ class Trainer:
             return None
         sampling = self.method.sampling()
         teacher = self.teacher
-        pipe = student_pipeline(teacher.info, unet, teacher.vae, teacher.conditioner,
-                                student_scheduler(teacher.scheduler_config, sampling))
-        grid = validation_grid(pipe, self.config.validation_prompts, sampling.num_inference_steps,
-                               sampling.guidance_scale, self.plan.resolution)
+        with teacher.conditioner.placed_on(self.accelerator.device):
+            pipe = student_pipeline(teacher.info, unet, teacher.vae, teacher.conditioner,
+                                    student_scheduler(teacher.scheduler_config, sampling))
+            grid = validation_grid(pipe, self.config.validation_prompts, sampling.num_inference_steps,
+                                   sampling.guidance_scale, self.plan.resolution)
         return save_validation_grid(grid, self.output_dir, step, self.accelerator.trackers)

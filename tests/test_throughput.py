@@ -131,3 +131,28 @@ def test_cached_batches_never_touch_the_vae_or_the_text_encoders(sd_teacher):
     batch = encoder({"latents": latents, "prompt_embeds": cond.prompt_embeds}, torch.device("cpu"))
     assert torch.equal(batch.latents, latents) and torch.equal(batch.cond.prompt_embeds, cond.prompt_embeds)
     assert batch.uncond.prompt_embeds.shape == cond.prompt_embeds.shape
+
+
+def test_cached_flux_batches_keep_the_guidance_input(flux_teacher, tmp_path):
+    """FLUX.1-dev's guidance input is part of the condition: a cached dataset stores it beside the embeddings, so
+    cached batches reach the teacher with it, and prompt dropout can mix them with the empty prompt's condition."""
+    from diffusers import AutoencoderKL
+
+    from distill.batching import BatchEncoder, CachedLatents
+    from distill.conditioning import TextConditioner
+    from distill.teacher import inspect_teacher
+
+    info = inspect_teacher(str(flux_teacher))
+    conditioner = TextConditioner(info, 32)
+    encoder = BatchEncoder(AutoencoderKL.from_pretrained(flux_teacher, subfolder="vae"), conditioner,
+                           proportion_empty_prompts=0.5)
+    images = [{"pixel_values": torch.rand(3, 32, 32) * 2 - 1, "caption": caption}
+              for caption in ("a two", "a nine", "")]
+    cache = CachedLatents.build(images, None, encoder, tmp_path / "latents.safetensors", show_progress=False)
+    reloaded = CachedLatents.build(images, None, encoder, tmp_path / "latents.safetensors", show_progress=False)
+    batch = encoder(torch.utils.data.default_collate([reloaded[i] for i in range(3)]), torch.device("cpu"))
+    direct = conditioner.encode(["a two", "a nine", ""])
+    assert set(cache.tensors) >= {"latents", "prompt_embeds", "pooled_prompt_embeds", "extra.guidance"}
+    assert torch.equal(batch.cond.extra["guidance"], direct.extra["guidance"])
+    assert torch.equal(batch.uncond.extra["guidance"], direct.extra["guidance"])
+
