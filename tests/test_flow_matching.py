@@ -7,7 +7,9 @@ own FlowMatchEulerDiscreteScheduler and the shipped FlowFewStepScheduler can eac
 
 from __future__ import annotations
 
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -413,3 +415,37 @@ def test_a_flux_teacher_without_a_guidance_input_gets_two_pass_cfg(tmp_path):
         guided = cfg_teacher_prediction(teacher, x_t, t, cond, uncond, w)
         conditional, unconditional = teacher(x_t, t, cond), teacher(x_t, t, uncond)
     torch.testing.assert_close(guided[0], 4.0 * conditional[0] - 3.0 * unconditional[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_fully_fine_tuned_transformer_student_exports_and_loads_back(sd3_teacher, tmp_path):
+    """SwiftBrush with --full_finetune on an SD3 teacher: the student's whole transformer is saved in transformer/,
+    and both ways a user loads it (stock pipeline + transformer/, the exported pipeline folder) sample with it."""
+    from diffusers import DiffusionPipeline, SD3Transformer2DModel
+
+    from distill.data import ImageDataConfig
+    from distill.evaluate.students import load_student_pipeline, student_layout
+    from distill.methods import SwiftBrushConfig
+    from distill.trainer import Trainer, TrainConfig
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit two\na red square\n")
+    out = tmp_path / "student"
+    config = TrainConfig(pretrained_teacher_model=str(sd3_teacher), output_dir=str(out), seed=0, train_batch_size=2,
+                         max_train_steps=2, checkpointing_steps=2, validation_steps=0, learning_rate=1e-3,
+                         lr_warmup_steps=0, resolution=32)
+    Trainer("swiftbrush", SwiftBrushConfig(full_finetune=True), ImageDataConfig(prompts_file=str(prompts)),
+            config).run()
+
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    trained = SD3Transformer2DModel.from_pretrained(out / "transformer").state_dict()
+    teacher = SD3Transformer2DModel.from_pretrained(sd3_teacher, subfolder="transformer").state_dict()
+    assert any(not torch.equal(trained[k], teacher[k]) for k in trained)
+    exported = DiffusionPipeline.from_pretrained(out / "pipeline", trust_remote_code=True)
+    shutil.rmtree(out / "pipeline")  # without it, the evaluation loads the stock pipeline with transformer/
+    assert student_layout(out) == "transformer"
+    stock = load_student_pipeline(sd3_teacher, out)
+    for pipe in (stock, exported):
+        assert all(torch.equal(v, trained[k]) for k, v in pipe.transformer.state_dict().items())
+        images = pipe("a handwritten digit two", num_inference_steps=1, guidance_scale=1.0, height=32, width=32,
+                      output_type="np", generator=torch.Generator().manual_seed(0)).images
+        assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()

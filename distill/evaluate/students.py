@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 from ..errors import DistillError
-from ..export import FULL_UNET_SUBFOLDER, PIPELINE_SUBFOLDER, SCHEDULER_SUBFOLDER, scheduler_class
+from ..export import (FULL_TRANSFORMER_SUBFOLDER, FULL_UNET_SUBFOLDER, PIPELINE_SUBFOLDER, SCHEDULER_SUBFOLDER,
+                      scheduler_class)
 from ..lora import LORA_WEIGHT_NAME, STUDENT_CONFIG, check_lora_base
 from ..teacher import inspect_teacher, pipeline_class, teacher_load_errors
 
@@ -27,7 +28,8 @@ def read_student_config(folder: Path) -> dict:
 
 
 def student_layout(folder: Path) -> str:
-    """"pipeline" (an exported ``pipeline/`` inside), "pipeline_root" (the folder is a pipeline), "lora" or "unet"."""
+    """"pipeline" (an exported ``pipeline/`` inside), "pipeline_root" (the folder is a pipeline), "lora", or the
+    subfolder of a fully fine-tuned network: "unet" or "transformer"."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DistillError(f"The student folder {folder} does not exist. Pass the output_dir of a training run.")
@@ -37,11 +39,13 @@ def student_layout(folder: Path) -> str:
         return "pipeline_root"
     if (folder / LORA_WEIGHT_NAME).is_file():
         return "lora"
-    if (folder / FULL_UNET_SUBFOLDER / "config.json").is_file():
-        return "unet"
+    for network in (FULL_UNET_SUBFOLDER, FULL_TRANSFORMER_SUBFOLDER):
+        if (folder / network / "config.json").is_file():
+            return network
     raise DistillError(f"{folder} is not a student folder: expected {PIPELINE_SUBFOLDER}/model_index.json (an exported "
                        f"pipeline), model_index.json (a pipeline folder), {LORA_WEIGHT_NAME} (a LoRA; needs --teacher) "
-                       f"or {FULL_UNET_SUBFOLDER}/config.json (a fine-tuned UNet; needs --teacher).")
+                       f"or {FULL_UNET_SUBFOLDER}/ or {FULL_TRANSFORMER_SUBFOLDER}/config.json (a fine-tuned network; "
+                       "needs --teacher).")
 
 
 def load_student_pipeline(teacher: str | os.PathLike | None, student_folder: str | os.PathLike):
@@ -57,7 +61,7 @@ def load_student_pipeline(teacher: str | os.PathLike | None, student_folder: str
         pipe = diffusers.DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
     else:
         if teacher is None:
-            raise DistillError(f"{folder} holds only the student's {'LoRA' if layout == 'lora' else 'UNet'}: pass "
+            raise DistillError(f"{folder} holds only the student's {'LoRA' if layout == 'lora' else layout}: pass "
                                "--teacher, the base it was distilled from.")
         sampling = read_student_config(folder).get("sampling")
         if not sampling:
@@ -69,8 +73,8 @@ def load_student_pipeline(teacher: str | os.PathLike | None, student_folder: str
             pipe = pipeline_class(info).from_pretrained(info.path)
             pipe.load_lora_weights(folder)
         else:
-            unet = diffusers.UNet2DConditionModel.from_pretrained(folder / FULL_UNET_SUBFOLDER)
-            pipe = pipeline_class(info).from_pretrained(info.path, unet=unet)
+            network = getattr(diffusers, info.family_spec.network_class).from_pretrained(folder / layout)
+            pipe = pipeline_class(info).from_pretrained(info.path, **{layout: network})
         pipe.scheduler = scheduler_class(sampling["scheduler"]).from_pretrained(folder, subfolder=SCHEDULER_SUBFOLDER)
     pipe.set_progress_bar_config(disable=True)
     return pipe
