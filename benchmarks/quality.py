@@ -4,6 +4,11 @@
     .venv/bin/python benchmarks/quality.py --student lcm=outputs/digits-demo/lcm-lora \
         --out benchmarks/results/digits
 
+The flow-matching benchmark is the same with the digits teacher in Stable Diffusion 3 format (built on first use):
+
+    .venv/bin/python benchmarks/quality.py --teacher_family sd3 --teacher_dir outputs/digits-sd3-teacher \
+        --student lcm=<a run of train_scripts/lcm_lora.py on that teacher> --out benchmarks/results/digits-sd3
+
 Scores (see distill/demo/run.py): prompt accuracy of a digit classifier trained on the train split only, and the
 Frechet distance in that classifier's feature space to the held-out test digits; NFE counted on the UNet, wall
 time per image. Writes quality.md (table and targets) and quality_vs_nfe.png. Students alone beside one teacher
@@ -18,54 +23,67 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 
 from distill.demo import (digit_prompts, load_student_pipeline, load_teacher_pipeline, metrics_table, real_data_fd,
                           score, student_guidance)
-from distill.demo.digits import (CLASSIFIER_FILE, build_digits_teacher, digits_split, teacher_guidance,
-                                 train_digits_classifier)
+from distill.demo.digits import (CLASSIFIER_FILE, TEACHER_FAMILIES, build_digits_teacher, digits_split,
+                                 teacher_family, teacher_guidance, train_digits_classifier)
 from distill.evaluate import generate
+from distill.pair_generation import dpm_solver_scheduler
 from distill.evaluate.presets import ACCURACY, FD
 from distill.evaluate.report import plot_quality_vs_nfe
 
-TEACHER_STEPS = (1, 2, 4, 8, 25, 50)
+# Per teacher family: the reference sampler (the first-order solver the targets compare with), its full step count,
+# and the teacher step counts scored by default.
+REFERENCE_SAMPLER = {"sd": "DDIM", "sd3": "Euler"}
+REFERENCE_STEPS = {"sd": 25, "sd3": 28}
+TEACHER_STEPS = {"sd": (1, 2, 4, 8, 25, 50), "sd3": (1, 2, 4, 8, 28)}
 STUDENT_STEPS = (1, 2, 4)
 
 
-def teacher_runs(teacher: Path, guidance: float, steps=TEACHER_STEPS) -> dict:
-    """DDIM (trailing) and DPM-Solver++ (2M) samplers of the teacher at each step count."""
-    ddim = load_teacher_pipeline(teacher)
+def teacher_runs(teacher: Path, guidance: float, steps) -> dict:
+    """The teacher's first-order sampler (DDIM with trailing spacing; on a flow teacher its own Euler scheduler) and
+    DPM-Solver++ (2M; on a flow teacher on its shifted flow sigmas) at each step count."""
+    family = teacher_family(teacher)
+    first_order = load_teacher_pipeline(teacher)
     dpm = load_teacher_pipeline(teacher)
-    dpm.scheduler = DPMSolverMultistepScheduler.from_config(ddim.scheduler.config, algorithm_type="dpmsolver++",
-                                                            timestep_spacing="trailing", final_sigmas_type="zero")
-    runs = {f"teacher DDIM {n}": ("teacher DDIM", ddim, n, guidance) for n in steps}
+    dpm.scheduler = dpm_solver_scheduler(first_order.scheduler.config, flow_matching=family == "sd3")
+    name = f"teacher {REFERENCE_SAMPLER[family]}"
+    runs = {f"{name} {n}": (name, first_order, n, guidance) for n in steps}
     runs.update({f"teacher DPM-Solver++ {n}": ("teacher DPM-Solver++", dpm, n, guidance) for n in steps})
     return runs
 
 
-def targets(results: dict, method: str) -> list[str]:
-    """The benchmark's pass/fail targets for one student."""
-    if "teacher DDIM 25" not in results or "teacher DDIM 1" not in results:
-        return [f"- {method}: targets not evaluated (they need the teacher's DDIM 1 and 25 in --teacher_steps)"]
-    ref, one_step = results["teacher DDIM 25"], results["teacher DDIM 1"]
+def targets(results: dict, method: str, family: str = "sd") -> list[str]:
+    """The benchmark's pass/fail targets for one student: at 4 NFE FD within 5% of the teacher's full-step reference
+    sampler and accuracy not lower; at 1 NFE FD at least 40% below the teacher's 1-step reference sampler."""
+    sampler, full = REFERENCE_SAMPLER[family], REFERENCE_STEPS[family]
+    reference, one_step_name = f"teacher {sampler} {full}", f"teacher {sampler} 1"
+    if reference not in results or one_step_name not in results:
+        return [f"- {method}: targets not evaluated (they need the teacher's {sampler} 1 and {full} in "
+                "--teacher_steps)"]
+    ref, one_step = results[reference], results[one_step_name]
     lines = []
     four = results.get(f"{method} 4")
     if four:
         ok = four["fd"] <= 1.05 * ref["fd"] and four["accuracy"] >= ref["accuracy"]
-        lines.append(f"- {method} at 4 NFE: FD {four['fd']:.2f} vs teacher-25 {ref['fd']:.2f} (target <= "
-                     f"{1.05 * ref['fd']:.2f}), accuracy {four['accuracy']:.3f} vs {ref['accuracy']:.3f}: "
+        lines.append(f"- {method} at 4 NFE: FD {four['fd']:.2f} vs teacher {sampler}-{full} {ref['fd']:.2f} (target "
+                     f"<= {1.05 * ref['fd']:.2f}), accuracy {four['accuracy']:.3f} vs {ref['accuracy']:.3f}: "
                      f"{'met' if ok else 'NOT met'}")
     one = results.get(f"{method} 1")
     if one:
         ok = one["fd"] <= 0.6 * one_step["fd"]
-        lines.append(f"- {method} at 1 NFE: FD {one['fd']:.2f} vs teacher DDIM-1 {one_step['fd']:.2f} (target <= "
-                     f"{0.6 * one_step['fd']:.2f}): {'met' if ok else 'NOT met'}")
+        lines.append(f"- {method} at 1 NFE: FD {one['fd']:.2f} vs teacher {sampler}-1 {one_step['fd']:.2f} (target "
+                     f"<= {0.6 * one_step['fd']:.2f}): {'met' if ok else 'NOT met'}")
     return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher_dir", type=Path, default=Path("outputs/digits-teacher"))
+    parser.add_argument("--teacher_family", choices=TEACHER_FAMILIES, default=None,
+                        help="The digits teacher to build: sd (a UNet, DDPM) or sd3 (an MMDiT in Stable Diffusion 3 "
+                             "format, flow matching). Default: the family of the teacher in --teacher_dir, else sd.")
     parser.add_argument("--student", action="append", default=[], metavar="NAME=OUTPUT_DIR",
                         help="A distilled student to score (repeatable): a training run's output_dir, loaded from "
                              "its pipeline folder, e.g. lcm=outputs/digits-demo/lcm-lora.")
@@ -73,24 +91,32 @@ def main(argv=None) -> int:
                         help="CFG scale of the teacher rows. Default: the one the teacher folder records (chosen "
                              "on the train split when it was built).")
     parser.add_argument("--images_per_digit", type=int, default=30)
-    parser.add_argument("--teacher_steps", default=",".join(map(str, TEACHER_STEPS)),
-                        help="Teacher step counts to score; pass an empty string to score students only "
+    parser.add_argument("--teacher_steps", default=None,
+                        help="Teacher step counts to score, comma-separated (default: 1,2,4,8,25,50 on an sd "
+                             "teacher, 1,2,4,8,28 on an sd3 one); pass an empty string to score students only "
                              "(the targets then need the teacher's figures from an earlier run).")
+    parser.add_argument("--student_steps", default=",".join(map(str, STUDENT_STEPS)),
+                        help="Student step counts to score, comma-separated.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/digits"))
     args = parser.parse_args(argv)
 
-    teacher = build_digits_teacher(args.teacher_dir, seed=args.seed)
+    teacher = build_digits_teacher(args.teacher_dir, seed=args.seed,
+                                   family=args.teacher_family or teacher_family(args.teacher_dir))
+    family = teacher_family(teacher)
+    if args.teacher_steps is None:
+        args.teacher_steps = ",".join(map(str, TEACHER_STEPS[family]))
     if args.teacher_guidance is None:
         args.teacher_guidance = teacher_guidance(teacher)
     classifier = train_digits_classifier(cache_path=args.teacher_dir / CLASSIFIER_FILE, seed=args.seed)
     real_features = classifier.features(digits_split("test")[0])
     prompts, labels = digit_prompts(args.images_per_digit)
-    runs = teacher_runs(teacher, args.teacher_guidance, [int(s) for s in args.teacher_steps.split(",") if s])
+    runs = teacher_runs(teacher, args.teacher_guidance, _step_counts(args.teacher_steps))
     for spec in args.student:
         name, folder = spec.split("=", 1)
         student = load_student_pipeline(teacher, Path(folder))
-        runs.update({f"{name} {n}": (name, student, n, student_guidance(Path(folder))) for n in STUDENT_STEPS})
+        runs.update({f"{name} {n}": (name, student, n, student_guidance(Path(folder)))
+                     for n in _step_counts(args.student_steps)})
 
     results, families = {}, {}
     for run, (family, pipe, steps, guidance) in runs.items():
@@ -113,12 +139,17 @@ def main(argv=None) -> int:
              f"the test digits (the floor): {floor:.2f}.\n",
              metrics_table(results)]
     for spec in args.student:
-        lines += targets(results, spec.split("=", 1)[0])
+        lines += targets(results, spec.split("=", 1)[0], family)
     (args.out / "quality.md").write_text("\n".join(lines) + "\n")
     plot_quality_vs_nfe(results, families, (FD, ACCURACY), args.out / "quality_vs_nfe.png",
                         references={FD.key: (floor, "real train digits (floor)")})
     print((args.out / "quality.md").read_text())
     return 0
+
+
+def _step_counts(text: str) -> list[int]:
+    """Comma-separated step counts ("" = none)."""
+    return [int(s) for s in text.split(",") if s.strip()]
 
 
 if __name__ == "__main__":

@@ -77,17 +77,24 @@ class PairGenerationConfig:
 
 
 def pair_scheduler(info):
-    """The teacher's solver: multistep DPM-Solver++ (Lu et al. 2022) from t = T - 1 (trailing) down to the clean x0;
-    on a flow-matching teacher on its shifted flow sigmas with velocity prediction."""
+    """The teacher's solver, built from its scheduler config (see dpm_solver_scheduler)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    config = DPMSolverMultistepScheduler.load_config(info.path, subfolder="scheduler")
+    return dpm_solver_scheduler(config, info.family_spec.flow_matching)
+
+
+def dpm_solver_scheduler(teacher_scheduler_config, flow_matching: bool):
+    """Multistep DPM-Solver++ (Lu et al. 2022) from t = T - 1 (trailing) down to the clean x0; on a flow-matching
+    teacher on its shifted flow sigmas with velocity prediction."""
     from diffusers import DPMSolverMultistepScheduler
 
     flow = {}
-    if info.family_spec.flow_matching:
-        shift = DPMSolverMultistepScheduler.load_config(info.path, subfolder="scheduler").get("shift", 1.0)
-        flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift)
-    return DPMSolverMultistepScheduler.from_pretrained(info.path, subfolder="scheduler",
-                                                       algorithm_type="dpmsolver++", timestep_spacing="trailing",
-                                                       final_sigmas_type="zero", **flow)
+    if flow_matching:
+        flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction",
+                    flow_shift=teacher_scheduler_config.get("shift", 1.0))
+    return DPMSolverMultistepScheduler.from_config(teacher_scheduler_config, algorithm_type="dpmsolver++",
+                                                   timestep_spacing="trailing", final_sigmas_type="zero", **flow)
 
 
 def load_pair_pipeline(info):

@@ -261,8 +261,9 @@ def tiny_t5_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
     return T5EncoderModel(config).eval()
 
 
-def tiny_sd3_transformer(seed: int = 0, sample_size: int = TINY_RESOLUTION // 2, in_channels: int = 4):
-    """SD3Transformer2DModel shaped like diffusers' own SD3 unit-test transformer (inner dim 32, 2 blocks)."""
+def tiny_sd3_transformer(seed: int = 0, sample_size: int = TINY_RESOLUTION // 2, in_channels: int = 4,
+                         num_layers: int = 2, attention_head_dim: int = 8, num_attention_heads: int = 4):
+    """SD3Transformer2DModel shaped like diffusers' own SD3 unit-test transformer (by default inner dim 32, 2 blocks)."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
@@ -271,17 +272,18 @@ def tiny_sd3_transformer(seed: int = 0, sample_size: int = TINY_RESOLUTION // 2,
         patch_size=2,
         in_channels=in_channels,
         out_channels=in_channels,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        caption_projection_dim=attention_head_dim * num_attention_heads,
         joint_attention_dim=32,  # T5's d_model, which the two CLIP hidden states side by side (16 + 16) fill
         pooled_projection_dim=64,  # the two CLIP text projections, 32 + 32
         pos_embed_max_size=2 * sample_size,  # patch grids up to 4x the native side (128 px)
     )
 
 
-def build_tiny_sd3_teacher(folder: str | os.PathLike, seed: int = 0, transformer=None, vae=None) -> Path:
+def build_tiny_sd3_teacher(folder: str | os.PathLike, seed: int = 0, transformer=None, vae=None,
+                           flow_shift: float = 3.0) -> Path:
     """Save a tiny Stable Diffusion 3 teacher (two CLIPs, T5, MMDiT, flow matching) in the diffusers folder layout."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
@@ -292,7 +294,7 @@ def build_tiny_sd3_teacher(folder: str | os.PathLike, seed: int = 0, transformer
     pipe = StableDiffusion3Pipeline(
         transformer=transformer or tiny_sd3_transformer(seed, TINY_RESOLUTION // downsampling,
                                                         vae.config.latent_channels),
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift),
         vae=vae,
         # CLIP states 16 + 16 wide fit T5's 32 (the pipeline crops wider ones); projections 32 + 32 = pooled 64
         text_encoder=tiny_text_encoder(16, 32, with_projection=True, seed=seed + 1),

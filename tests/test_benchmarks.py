@@ -40,6 +40,39 @@ def test_quality_targets_compare_against_the_teacher():
     assert "NOT met" in quality.targets(results, "lcm")[0]
 
 
+def test_quality_targets_on_a_flow_teacher_compare_against_its_euler_sampler():
+    quality = load_benchmark("quality")
+    results = {"teacher Euler 28": {"fd": 10.0, "accuracy": 0.9}, "teacher Euler 1": {"fd": 100.0, "accuracy": 0.1},
+               "teacher DDIM 25": {"fd": 1000.0, "accuracy": 0.0}, "lcm 4": {"fd": 10.4, "accuracy": 0.92},
+               "lcm 1": {"fd": 59.0, "accuracy": 0.5}}
+    lines = quality.targets(results, "lcm", "sd3")
+    assert "Euler-28 10.00" in lines[0] and "NOT" not in lines[0]
+    assert "Euler-1 100.00" in lines[1] and "NOT" not in lines[1]
+    assert "not evaluated" in quality.targets({"lcm 4": results["lcm 4"]}, "lcm", "sd3")[0]
+
+
+def test_quality_teacher_rows_on_a_flow_teacher_are_euler_and_flow_dpm_solver(tmp_path):
+    from distill.demo import digits
+
+    quality = load_benchmark("quality")
+    teacher = digits.build_digits_teacher(tmp_path / "sd3", family="sd3", vae_steps=1, denoiser_steps=1,
+                                          vae_batch_size=2, denoiser_batch_size=2, warmup_steps=1,
+                                          transformer_layers=1, progress=False, num_threads=1, guidance_candidates=())
+    runs = quality.teacher_runs(teacher, 2.0, [1, 28])
+    assert sorted(runs) == ["teacher DPM-Solver++ 1", "teacher DPM-Solver++ 28", "teacher Euler 1",
+                            "teacher Euler 28"]
+    euler, dpm = runs["teacher Euler 1"][1].scheduler, runs["teacher DPM-Solver++ 1"][1].scheduler
+    assert type(euler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert (dpm.config.use_flow_sigmas, dpm.config.prediction_type, dpm.config.flow_shift) == (
+        True, "flow_prediction", euler.config.shift)
+    dpm.set_timesteps(4)
+    shift, sigmas = euler.config.shift, dpm.sigmas[:-1].double()
+    unshifted = sigmas / (shift - (shift - 1) * sigmas)  # inverse of sigma' = shift sigma / (1 + (shift - 1) sigma)
+    torch.testing.assert_close(unshifted, torch.tensor([0.999, 0.75, 0.5, 0.25], dtype=torch.float64), atol=1e-3,
+                               rtol=0)  # the teacher's shift on an even grid, then the clean end
+    assert float(dpm.sigmas[-1]) == 0.0
+
+
 def test_demo_report_pieces(tmp_path):
     prompts, labels = digit_prompts(2)
     assert prompts[:3] == ["a handwritten digit zero", "a handwritten digit zero", "a handwritten digit one"]

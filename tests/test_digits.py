@@ -11,7 +11,7 @@ from distill.demo import digits
 from distill.errors import DistillError
 
 TINY_RECIPE = dict(
-    vae_steps=2, unet_steps=2, vae_batch_size=4, unet_batch_size=4, warmup_steps=1, progress=False, num_threads=1,
+    vae_steps=2, denoiser_steps=2, vae_batch_size=4, denoiser_batch_size=4, warmup_steps=1, progress=False, num_threads=1,
     guidance_candidates=(),
 )
 
@@ -95,7 +95,7 @@ def test_teacher_folder_is_standard_sd_with_unit_scaled_latents(tiny_teacher):
     vae_config = json.loads((tiny_teacher / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] > 0 and vae_config["scaling_factor"] != 0.18215
     marker = json.loads((tiny_teacher / digits.TEACHER_MARKER).read_text())
-    assert marker["recipe"]["unet_steps"] == 2 and marker["recipe"]["seed"] == 0
+    assert marker["recipe"]["denoiser_steps"] == 2 and marker["recipe"]["seed"] == 0
 
 
 def test_second_build_with_same_recipe_is_a_cache_hit(tiny_teacher):
@@ -190,7 +190,75 @@ def test_a_teacher_without_a_recorded_guidance_uses_the_default(tiny_teacher):
 def test_changed_recipe_rebuilds_and_replaces_the_teacher(tmp_path):
     folder = digits.build_digits_teacher(tmp_path / "teacher", **TINY_RECIPE)
     first = json.loads((folder / digits.TEACHER_MARKER).read_text())
-    digits.build_digits_teacher(folder, **{**TINY_RECIPE, "unet_steps": 3})
+    digits.build_digits_teacher(folder, **{**TINY_RECIPE, "denoiser_steps": 3})
     second = json.loads((folder / digits.TEACHER_MARKER).read_text())
-    assert (first["recipe"]["unet_steps"], second["recipe"]["unet_steps"]) == (2, 3)
+    assert (first["recipe"]["denoiser_steps"], second["recipe"]["denoiser_steps"]) == (2, 3)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["teacher"]  # no .tmp / .old leftovers
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_digits_teacher(tmp_path_factory):
+    """The digits teacher in Stable Diffusion 3 format, trained for two steps per model."""
+    return digits.build_digits_teacher(tmp_path_factory.mktemp("digits") / "sd3", family="sd3",
+                                       **{**TINY_RECIPE, "transformer_layers": 1})
+
+
+def test_sd3_teacher_is_a_stock_flow_matching_folder_with_unit_scaled_latents(tiny_sd3_digits_teacher):
+    from diffusers import StableDiffusion3Pipeline
+
+    from distill.teacher import inspect_teacher
+
+    assert inspect_teacher(str(tiny_sd3_digits_teacher)).family == "sd3"
+    assert digits.teacher_family(tiny_sd3_digits_teacher) == "sd3"
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_digits_teacher)
+    assert pipe.scheduler.config.shift == digits.TeacherRecipe().flow_shift
+    latents = digits._encode_latents(pipe.vae, digits._to_unit_pixels(digits.digits_split("train")[0]) * 2 - 1)
+    scaled = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    assert abs(float(scaled.mean())) < 1e-4 and float(scaled.std()) == pytest.approx(1.0, abs=1e-4)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe([digits.caption_for(3)], num_inference_steps=2, guidance_scale=2.0, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_sd3_teacher_trained_on_the_pipelines_own_caption_encoding(tiny_sd3_digits_teacher):
+    from diffusers import StableDiffusion3Pipeline
+
+    from distill.demo.flow_digits import _caption_embeddings
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_digits_teacher)
+    context, pooled = _caption_embeddings(pipe)
+    with torch.no_grad():
+        seven, empty, seven_pooled, empty_pooled = pipe.encode_prompt(digits.caption_for(7), None, None,
+                                                                      negative_prompt="")
+    torch.testing.assert_close(seven[0], context[7])
+    torch.testing.assert_close(empty[0], context[10])  # the pipeline's CFG branch is the dropped caption
+    torch.testing.assert_close(empty_pooled[0], pooled[10])
+    torch.testing.assert_close(seven_pooled[0], pooled[7])
+
+
+class _TrueVelocity(torch.nn.Module):
+    """A denoiser that knows the clean latents: v = (x_t - x0) / sigma with sigma = timestep / 1000 (SD3's scale)."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        sigma = (timestep / 1000).view(-1, 1, 1, 1)
+        return type("Output", (), {"sample": (hidden_states - self.x0) / sigma})
+
+
+def test_flow_matching_loss_is_zero_for_the_true_velocity_and_not_for_a_wrong_one():
+    from distill.demo.flow_digits import flow_matching_loss
+
+    x0 = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    no_text = torch.zeros(64, 1, 8), torch.zeros(64, 8)
+    exact = flow_matching_loss(_TrueVelocity(x0), x0, *no_text, 3.0, torch.Generator().manual_seed(1))
+    wrong = flow_matching_loss(_TrueVelocity(x0 + 0.1), x0, *no_text, 3.0, torch.Generator().manual_seed(1))
+    assert float(exact) < 1e-8 and float(wrong) > 1e-3
+
+
+def test_unknown_teacher_family_is_a_user_error(tmp_path):
+    with pytest.raises(DistillError, match="Unknown digits teacher family 'flux'"):
+        digits.build_digits_teacher(tmp_path / "teacher", family="flux", **TINY_RECIPE)

@@ -45,7 +45,9 @@ TEACHER_FORMAT = 1
 TEXT_HIDDEN_SIZE = 32
 CLASSIFIER_FILE = "classifier.pt"  # the digit classifier, cached inside the teacher folder
 DEFAULT_GUIDANCE = 4.0  # the CFG scale of a teacher folder that records none
-GUIDANCE_SELECTION_STEPS = 25  # DDIM steps of the samples the CFG scale is chosen on (the benchmark's teacher row)
+TEACHER_FAMILIES = ("sd", "sd3")  # a Stable Diffusion UNet (DDPM) or a Stable Diffusion 3 MMDiT (flow matching)
+# Steps of the samples the CFG scale is chosen on, with the teacher's reference sampler (the benchmark's teacher row)
+GUIDANCE_SELECTION_STEPS = {"sd": 25, "sd3": 28}
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -102,13 +104,25 @@ def digit_prompts(per_digit: int, interleaved: bool = False) -> tuple[list[str],
 
 
 def load_teacher_pipeline(teacher: Path):
-    """The teacher with a DDIM scheduler (trailing spacing, so 1-step DDIM starts from pure noise)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The teacher's reference sampler: an SD3 teacher with its own flow Euler scheduler, an SD teacher with DDIM
+    (trailing spacing, so 1-step DDIM starts from pure noise)."""
+    from diffusers import DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
+    if teacher_family(teacher) == "sd3":
+        return StableDiffusion3Pipeline.from_pretrained(teacher)
     pipe = StableDiffusionPipeline.from_pretrained(teacher)
     # clip_sample=False as in real SD configs: clipping predicted latents to [-1, 1] would ruin them.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False)
     return pipe
+
+
+def teacher_family(teacher: str | os.PathLike) -> str:
+    """ "sd3" for a digits teacher folder in Stable Diffusion 3 format, else "sd" (also for a folder without one)."""
+    try:
+        index = json.loads((Path(teacher) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return "sd"
+    return "sd3" if index.get("_class_name") == "StableDiffusion3Pipeline" else "sd"
 
 
 def write_digits_image_folder(folder: str | os.PathLike, split: str = "train") -> Path:
@@ -276,16 +290,20 @@ class TeacherRecipe:
     """Every parameter that determines a digits teacher build (recorded in the cache marker)."""
 
     seed: int = 0
+    family: str = "sd"  # one of TEACHER_FAMILIES
     vae_steps: int = 200
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5  # per latent element, relative to the per-pixel MSE
     text_encoder_steps: int = 0  # 0 = keep the random text encoder as it is
     text_encoder_lr: float = 1e-2
-    unet_steps: int = 3000
-    unet_batch_size: int = 32
-    unet_lr: float = 1e-3
-    unet_channels: tuple[int, ...] = (64, 128)
+    denoiser_steps: int = 3000  # the UNet's or the transformer's
+    denoiser_batch_size: int = 32
+    denoiser_lr: float = 1e-3
+    unet_channels: tuple[int, ...] = (64, 128)  # family sd
+    transformer_width: int = 64  # family sd3: attention heads of 32 channels
+    transformer_layers: int = 4
+    flow_shift: float = 3.0  # family sd3: the sigma shift of SD3's scheduler config
     caption_dropout: float = 0.1
     high_noise_weight_cap: float = 5.0  # epsilon-loss weight clamp(1 / SNR, 1, cap); 1 = plain DDPM loss
     cross_attention_init_dims: int = 4  # 0 = diffusers' default random init
@@ -335,6 +353,8 @@ def build_digits_teacher(
     """Train (or reuse if cached) the digits latent-diffusion teacher and save it as a diffusers SD folder."""
     folder = Path(folder)
     recipe = TeacherRecipe(seed=seed, **recipe_overrides)
+    if recipe.family not in TEACHER_FAMILIES:
+        raise DistillError(f"Unknown digits teacher family {recipe.family!r}; use one of {TEACHER_FAMILIES}.")
     if _teacher_is_cached(folder, recipe):
         return folder
     _check_replaceable(folder)
@@ -368,11 +388,11 @@ def _choose_guidance(folder: Path, recipe: TeacherRecipe) -> dict:
     pipe = load_teacher_pipeline(folder)
     distances = {}
     for guidance in recipe.guidance_candidates:
-        samples = generate(pipe, prompts, GUIDANCE_SELECTION_STEPS, guidance, seed=recipe.seed + 1000)
+        samples = generate(pipe, prompts, GUIDANCE_SELECTION_STEPS[recipe.family], guidance, seed=recipe.seed + 1000)
         distances[float(guidance)] = frechet_distance(classifier.features(samples.images), train_features)
         logger.info("digits teacher: CFG %.2f, FD to the train split %.2f", guidance, distances[float(guidance)])
     return {"guidance_scale": min(distances, key=distances.get),
-            "guidance_selection": {"ddim_steps": GUIDANCE_SELECTION_STEPS, "images": len(prompts),
+            "guidance_selection": {"steps": GUIDANCE_SELECTION_STEPS[recipe.family], "images": len(prompts),
                                    "fd_to_train_split": {str(g): fd for g, fd in distances.items()}}}
 
 
@@ -420,15 +440,22 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
 
 
 def _train_and_save_teacher(tmp: Path, recipe: TeacherRecipe, progress: bool) -> None:
-    """Train the VAE then the UNet on the train split and save the pipeline into tmp."""
+    """Train the VAE then the denoiser on the train split and save the pipeline into tmp."""
     from tqdm.auto import tqdm
 
     from distill.testing import build_tiny_teacher, tiny_text_encoder
 
     images, labels = digits_split("train")
     pixels = _to_unit_pixels(images) * 2.0 - 1.0
+    if recipe.family == "sd3":
+        from .flow_digits import train_and_save_sd3_teacher
+
+        with tqdm(total=recipe.vae_steps + recipe.denoiser_steps, disable=not progress, desc="digits teacher") as bar:
+            vae = _train_vae(pixels, recipe, bar)
+            train_and_save_sd3_teacher(tmp, vae, _encode_latents(vae, pixels), labels, recipe, bar)
+        return
     text_encoder = tiny_text_encoder(TEXT_HIDDEN_SIZE, TEXT_HIDDEN_SIZE, with_projection=False, seed=recipe.seed + 1)
-    total = recipe.text_encoder_steps + recipe.vae_steps + recipe.unet_steps
+    total = recipe.text_encoder_steps + recipe.vae_steps + recipe.denoiser_steps
     with tqdm(total=total, disable=not progress, desc="digits teacher") as bar:
         _train_text_encoder(text_encoder, recipe, bar)
         vae = _train_vae(pixels, recipe, bar)
@@ -442,7 +469,7 @@ def _train_vae(pixels: torch.Tensor, recipe: TeacherRecipe, bar):
     """Fit the tiny AutoencoderKL to reconstruct pixels in [-1, 1] (MSE + small KL)."""
     from distill.testing import tiny_vae
 
-    vae = tiny_vae(recipe.seed).train()
+    vae = tiny_vae(recipe.seed, use_quant_conv=recipe.family == "sd").train()  # SD3's VAE has no quant convs
     generator = torch.Generator().manual_seed(recipe.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     schedule = _warmup_cosine(optimizer, recipe.warmup_steps, recipe.vae_steps)
@@ -522,16 +549,16 @@ def _train_unet(latents: torch.Tensor, labels, caption_embeds: torch.Tensor, rec
     unet = tiny_unet(False, TEXT_HIDDEN_SIZE, seed=recipe.seed, block_out_channels=recipe.unet_channels).train()
     generator = torch.Generator().manual_seed(recipe.seed + 2)
     if recipe.cross_attention_init_dims:
-        directions = _caption_directions(caption_embeds, recipe.cross_attention_init_dims)
+        directions = caption_directions(caption_embeds, recipe.cross_attention_init_dims)
         _aim_cross_attention(unet, directions, recipe.cross_attention_init_gain, generator)
     ema = _ema_copy(unet)
     weights = _timestep_weights(ddpm_scheduler().alphas_cumprod.float(), recipe.high_noise_weight_cap)
     labels = torch.as_tensor(labels)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
-    schedule = _warmup_cosine(optimizer, recipe.warmup_steps, recipe.unet_steps)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.denoiser_lr, weight_decay=1e-2)
+    schedule = _warmup_cosine(optimizer, recipe.warmup_steps, recipe.denoiser_steps)
     bar.set_description("digits teacher: unet")
-    for step in range(recipe.unet_steps):
-        batch = torch.randint(0, len(labels), (recipe.unet_batch_size,), generator=generator)
+    for step in range(recipe.denoiser_steps):
+        batch = torch.randint(0, len(labels), (recipe.denoiser_batch_size,), generator=generator)
         context = caption_embeds[_drop_captions(labels[batch], recipe.caption_dropout, generator)]
         loss = _epsilon_loss(unet, latents[batch], context, weights, generator)
         _optimizer_step(optimizer, schedule, loss)
@@ -571,7 +598,7 @@ def _epsilon_loss(unet, latents, context, weights: dict[str, torch.Tensor], gene
     return (weights["loss"][timesteps] * errors).mean()
 
 
-def _caption_directions(caption_embeds: torch.Tensor, count: int) -> torch.Tensor:
+def caption_directions(caption_embeds: torch.Tensor, count: int) -> torch.Tensor:
     """The count x D text-embedding directions that best separate the captions from what all tokens share.
 
     Fisher/LDA-style: maximise the between-caption scatter of the token embeddings relative to the
@@ -594,8 +621,14 @@ def _aim_cross_attention(unet, directions: torch.Tensor, gain: float, generator:
     for name, module in unet.named_modules():
         if name.endswith("attn2"):
             for linear in (module.to_k, module.to_v):
-                basis, _ = torch.linalg.qr(torch.randn(linear.out_features, len(directions), generator=generator))
-                linear.weight.copy_(gain * basis @ directions)
+                aim_linear(linear, directions, gain, generator)
+
+
+@torch.no_grad()
+def aim_linear(linear: nn.Linear, directions: torch.Tensor, gain: float, generator: torch.Generator) -> None:
+    """Set a linear layer's weight to read only ``directions`` (count x in_features), spread over random outputs."""
+    basis, _ = torch.linalg.qr(torch.randn(linear.out_features, len(directions), generator=generator))
+    linear.weight.copy_(gain * basis @ directions)
 
 
 def _optimizer_step(optimizer, schedule, loss: torch.Tensor) -> None:
