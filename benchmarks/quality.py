@@ -103,9 +103,9 @@ def main(argv=None) -> int:
 
     teacher = build_digits_teacher(args.teacher_dir, seed=args.seed,
                                    family=args.teacher_family or teacher_family(args.teacher_dir))
-    family = teacher_family(teacher)
+    kind = teacher_family(teacher)
     if args.teacher_steps is None:
-        args.teacher_steps = ",".join(map(str, TEACHER_STEPS[family]))
+        args.teacher_steps = ",".join(map(str, TEACHER_STEPS[kind]))
     if args.teacher_guidance is None:
         args.teacher_guidance = teacher_guidance(teacher)
     classifier = train_digits_classifier(cache_path=args.teacher_dir / CLASSIFIER_FILE, seed=args.seed)
@@ -119,32 +119,38 @@ def main(argv=None) -> int:
                      for n in _step_counts(args.student_steps)})
 
     results, families = {}, {}
-    for run, (family, pipe, steps, guidance) in runs.items():
+    for run, (label, pipe, steps, guidance) in runs.items():
         try:
             samples = generate(pipe, prompts, steps, guidance, seed=args.seed)
         except ValueError as error:  # e.g. a K-step UFOGen scheduler asked for more than K steps
             print(f"{run}: skipped, the student's scheduler refuses {steps} steps ({error})", flush=True)
             continue
         results[run] = score(samples, labels, classifier, real_features)
-        families[run] = family
+        families[run] = label
         print(run, results[run], flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(results, indent=2))
-    floor = real_data_fd(classifier, real_features, len(prompts))
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_report(args, command, kind, results, families, classifier, real_features, len(prompts))
+    print((args.out / "quality.md").read_text())
+    return 0
+
+
+def write_report(args, command: str, kind: str, results: dict, families: dict, classifier, real_features,
+                 images: int) -> None:
+    """quality.md (the table and each student's targets) and quality_vs_nfe.png in args.out."""
+    floor = real_data_fd(classifier, real_features, images)
     lines = [f"Command: `{command}` on {torch.get_num_threads()} CPU threads.\n",
              f"Digits benchmark: {args.images_per_digit} images per digit, teacher CFG {args.teacher_guidance}, "
-             f"classifier test accuracy {classifier.test_accuracy:.3f}; FD of {len(prompts)} real train digits to "
+             f"classifier test accuracy {classifier.test_accuracy:.3f}; FD of {images} real train digits to "
              f"the test digits (the floor): {floor:.2f}.\n",
              metrics_table(results)]
     for spec in args.student:
-        lines += targets(results, spec.split("=", 1)[0], family)
+        lines += targets(results, spec.split("=", 1)[0], kind)
     (args.out / "quality.md").write_text("\n".join(lines) + "\n")
     plot_quality_vs_nfe(results, families, (FD, ACCURACY), args.out / "quality_vs_nfe.png",
                         references={FD.key: (floor, "real train digits (floor)")})
-    print((args.out / "quality.md").read_text())
-    return 0
 
 
 def _step_counts(text: str) -> list[int]:
