@@ -224,10 +224,10 @@ def test_sd3_teacher_is_a_stock_flow_matching_folder_with_unit_scaled_latents(ti
 def test_sd3_teacher_trained_on_the_pipelines_own_caption_encoding(tiny_sd3_digits_teacher):
     from diffusers import StableDiffusion3Pipeline
 
-    from distill.demo.flow_digits import _caption_embeddings
+    from distill.demo.flow_digits import caption_embeddings
 
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_digits_teacher)
-    context, pooled = _caption_embeddings(pipe)
+    context, pooled = caption_embeddings(pipe, [digits.caption_for(label) for label in range(10)] + [""])
     with torch.no_grad():
         seven, empty, seven_pooled, empty_pooled = pipe.encode_prompt(digits.caption_for(7), None, None,
                                                                       negative_prompt="")

@@ -6,7 +6,8 @@ offline. The digits are upsampled to 32x32 RGB (white digit on black) and captio
 
 * a fixed, stratified train/test split and a Hugging Face "imagefolder" export of it;
 * a small latent-diffusion teacher trained on the train split in a few CPU minutes and saved in the
-  standard diffusers Stable Diffusion layout (reusing the tiny model builders of ``distill.testing``);
+  standard diffusers Stable Diffusion layout (reusing the tiny model builders of ``distill.testing``), or in the
+  Stable Diffusion 3 layout (flow matching; see ``flow_digits.py``);
 * a small CNN digit classifier (accuracy against the prompted digit, and features for a
   Frechet distance, computed by distill.evaluate.frechet_distance).
 """
@@ -31,6 +32,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from distill.errors import DistillError
+
+from .teacher_training import (aim_linear, caption_directions, drop_captions, ema_copy, ema_update, optimizer_step,
+                               warmup_cosine)
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +354,8 @@ def build_digits_teacher(
     num_threads: int | None = None,
     **recipe_overrides,
 ) -> Path:
-    """Train (or reuse if cached) the digits latent-diffusion teacher and save it as a diffusers SD folder."""
+    """Train (or reuse if cached) the digits latent-diffusion teacher and save it as a diffusers folder: Stable
+    Diffusion (a UNet) by default, Stable Diffusion 3 (an MMDiT, flow matching) with ``family="sd3"``."""
     folder = Path(folder)
     recipe = TeacherRecipe(seed=seed, **recipe_overrides)
     if recipe.family not in TEACHER_FAMILIES:
@@ -452,7 +457,8 @@ def _train_and_save_teacher(tmp: Path, recipe: TeacherRecipe, progress: bool) ->
 
         with tqdm(total=recipe.vae_steps + recipe.denoiser_steps, disable=not progress, desc="digits teacher") as bar:
             vae = _train_vae(pixels, recipe, bar)
-            train_and_save_sd3_teacher(tmp, vae, _encode_latents(vae, pixels), labels, recipe, bar)
+            captions = [caption_for(label) for label in range(len(DIGIT_WORDS))] + [""]  # the empty one last
+            train_and_save_sd3_teacher(tmp, vae, _encode_latents(vae, pixels), labels, captions, recipe, bar)
         return
     text_encoder = tiny_text_encoder(TEXT_HIDDEN_SIZE, TEXT_HIDDEN_SIZE, with_projection=False, seed=recipe.seed + 1)
     total = recipe.text_encoder_steps + recipe.vae_steps + recipe.denoiser_steps
@@ -472,7 +478,7 @@ def _train_vae(pixels: torch.Tensor, recipe: TeacherRecipe, bar):
     vae = tiny_vae(recipe.seed, use_quant_conv=recipe.family == "sd").train()  # SD3's VAE has no quant convs
     generator = torch.Generator().manual_seed(recipe.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    schedule = _warmup_cosine(optimizer, recipe.warmup_steps, recipe.vae_steps)
+    schedule = warmup_cosine(optimizer, recipe.warmup_steps, recipe.vae_steps)
     bar.set_description("digits teacher: vae")
     for _ in range(recipe.vae_steps):
         batch = pixels[torch.randint(0, len(pixels), (recipe.vae_batch_size,), generator=generator)]
@@ -480,7 +486,7 @@ def _train_vae(pixels: torch.Tensor, recipe: TeacherRecipe, bar):
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         reconstruction = vae.decode(latents).sample
         loss = F.mse_loss(reconstruction, batch) + recipe.kl_weight * posterior.kl().mean() / latents[0].numel()
-        _optimizer_step(optimizer, schedule, loss)
+        optimizer_step(optimizer, schedule, loss)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         bar.update()
     return vae.eval().requires_grad_(False)
@@ -551,27 +557,21 @@ def _train_unet(latents: torch.Tensor, labels, caption_embeds: torch.Tensor, rec
     if recipe.cross_attention_init_dims:
         directions = caption_directions(caption_embeds, recipe.cross_attention_init_dims)
         _aim_cross_attention(unet, directions, recipe.cross_attention_init_gain, generator)
-    ema = _ema_copy(unet)
+    ema = ema_copy(unet)
     weights = _timestep_weights(ddpm_scheduler().alphas_cumprod.float(), recipe.high_noise_weight_cap)
     labels = torch.as_tensor(labels)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.denoiser_lr, weight_decay=1e-2)
-    schedule = _warmup_cosine(optimizer, recipe.warmup_steps, recipe.denoiser_steps)
+    schedule = warmup_cosine(optimizer, recipe.warmup_steps, recipe.denoiser_steps)
     bar.set_description("digits teacher: unet")
     for step in range(recipe.denoiser_steps):
         batch = torch.randint(0, len(labels), (recipe.denoiser_batch_size,), generator=generator)
-        context = caption_embeds[_drop_captions(labels[batch], recipe.caption_dropout, generator)]
+        context = caption_embeds[drop_captions(labels[batch], len(DIGIT_WORDS), recipe.caption_dropout, generator)]
         loss = _epsilon_loss(unet, latents[batch], context, weights, generator)
-        _optimizer_step(optimizer, schedule, loss)
-        _ema_update(ema, unet, min(recipe.ema_decay, (1 + step) / (10 + step)))
+        optimizer_step(optimizer, schedule, loss)
+        ema_update(ema, unet, min(recipe.ema_decay, (1 + step) / (10 + step)))
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         bar.update()
     return ema.eval().requires_grad_(False)
-
-
-def _drop_captions(labels: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
-    """Replace a random fraction of labels by the empty-caption index (for classifier-free guidance)."""
-    dropped = torch.rand(len(labels), generator=generator) < probability
-    return torch.where(dropped, torch.full_like(labels, len(DIGIT_WORDS)), labels)
 
 
 def _timestep_weights(alphas_cumprod: torch.Tensor, cap: float) -> dict[str, torch.Tensor]:
@@ -598,23 +598,6 @@ def _epsilon_loss(unet, latents, context, weights: dict[str, torch.Tensor], gene
     return (weights["loss"][timesteps] * errors).mean()
 
 
-def caption_directions(caption_embeds: torch.Tensor, count: int) -> torch.Tensor:
-    """The count x D text-embedding directions that best separate the captions from what all tokens share.
-
-    Fisher/LDA-style: maximise the between-caption scatter of the token embeddings relative to the
-    uncentred scatter of the per-position means (shared prefix, padding, global offset). The random
-    frozen text encoder puts ~1% of its energy into caption differences, so without this the UNet's
-    cross-attention takes thousands of steps to notice the prompt.
-    """
-    embeds = caption_embeds.double()
-    per_position = embeds.mean(dim=0, keepdim=True).expand_as(embeds)
-    flat, shared = (embeds - per_position).flatten(0, 1), per_position.flatten(0, 1)
-    between, common = flat.T @ flat / len(flat), shared.T @ shared / len(shared)
-    whitener = torch.linalg.inv(torch.linalg.cholesky(common + 1e-3 * torch.eye(len(common), dtype=common.dtype)))
-    _, eigenvectors = torch.linalg.eigh(whitener @ between @ whitener.T)
-    return (eigenvectors[:, -count:].T @ whitener).float()
-
-
 @torch.no_grad()
 def _aim_cross_attention(unet, directions: torch.Tensor, gain: float, generator: torch.Generator) -> None:
     """Initialise every cross-attention key/value projection to read (only) the caption-separating directions."""
@@ -622,47 +605,3 @@ def _aim_cross_attention(unet, directions: torch.Tensor, gain: float, generator:
         if name.endswith("attn2"):
             for linear in (module.to_k, module.to_v):
                 aim_linear(linear, directions, gain, generator)
-
-
-@torch.no_grad()
-def aim_linear(linear: nn.Linear, directions: torch.Tensor, gain: float, generator: torch.Generator) -> None:
-    """Set a linear layer's weight to read only ``directions`` (count x in_features), spread over random outputs."""
-    basis, _ = torch.linalg.qr(torch.randn(linear.out_features, len(directions), generator=generator))
-    linear.weight.copy_(gain * basis @ directions)
-
-
-def _optimizer_step(optimizer, schedule, loss: torch.Tensor) -> None:
-    """Backpropagate loss, clip gradients, step optimizer and lr schedule."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
-    optimizer.step()
-    schedule.step()
-
-
-def _warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
-    """Linear warmup then cosine decay to 10% of the base learning rate."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _ema_copy(model: nn.Module) -> nn.Module:
-    """A frozen deep copy of model to hold its exponential moving average."""
-    import copy
-
-    return copy.deepcopy(model).requires_grad_(False)
-
-
-@torch.no_grad()
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """Move ema's parameters a (1 - decay) step toward model's; copy buffers."""
-    for ema_param, param in zip(ema.parameters(), model.parameters()):
-        ema_param.lerp_(param, 1.0 - decay)
-    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)

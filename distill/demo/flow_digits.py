@@ -11,14 +11,18 @@ from pathlib import Path
 
 import torch
 
-from .digits import (DIGIT_WORDS, TeacherRecipe, _drop_captions, _ema_copy, _ema_update, _optimizer_step,
-                     _warmup_cosine, aim_linear, caption_directions, caption_for)
+from .teacher_training import (aim_linear, caption_directions, drop_captions, ema_copy, ema_update, optimizer_step,
+                               warmup_cosine)
 
 HEAD_DIM = 32  # channels per attention head of the digits MMDiT
 
 
-def train_and_save_sd3_teacher(folder: Path, vae, latents: torch.Tensor, labels, recipe: TeacherRecipe, bar) -> None:
-    """Save an SD3 folder around the trained VAE, then train its transformer on the scaled latents (EMA weights)."""
+def train_and_save_sd3_teacher(folder: Path, vae, latents: torch.Tensor, labels, captions: list[str], recipe,
+                               bar) -> None:
+    """Save an SD3 folder around the trained VAE, then train its transformer on the scaled latents (EMA weights).
+
+    ``labels`` index ``captions``, whose last entry is the empty caption; ``recipe`` is a ``digits.TeacherRecipe``.
+    """
     from diffusers import StableDiffusion3Pipeline
 
     from distill.testing import build_tiny_sd3_teacher, tiny_sd3_transformer
@@ -28,37 +32,36 @@ def train_and_save_sd3_teacher(folder: Path, vae, latents: torch.Tensor, labels,
     transformer = tiny_sd3_transformer(recipe.seed, latents.shape[-1], latents.shape[1], recipe.transformer_layers,
                                        HEAD_DIM, recipe.transformer_width // HEAD_DIM)
     build_tiny_sd3_teacher(folder, seed=recipe.seed, transformer=transformer, vae=vae, flow_shift=recipe.flow_shift)
-    context, pooled = _caption_embeddings(StableDiffusion3Pipeline.from_pretrained(folder))
+    context, pooled = caption_embeddings(StableDiffusion3Pipeline.from_pretrained(folder), captions)
     scaled = (latents - shift) * vae.config.scaling_factor
     ema = _train_transformer(transformer.train(), scaled, torch.as_tensor(labels), context, pooled, recipe, bar)
     ema.save_pretrained(folder / "transformer")
 
 
 @torch.no_grad()
-def _caption_embeddings(pipe) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint-attention states and pooled embeddings of the ten captions plus the empty one (index 10), exactly as
+def caption_embeddings(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint-attention states and pooled embeddings of the captions, exactly as
     ``StableDiffusion3Pipeline.encode_prompt`` makes them."""
-    captions = [caption_for(label) for label in range(len(DIGIT_WORDS))] + [""]
     context, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False)
     return context, pooled
 
 
-def _train_transformer(transformer, latents, labels, context, pooled, recipe: TeacherRecipe, bar):
+def _train_transformer(transformer, latents, labels, context, pooled, recipe, bar):
     """Train the MMDiT with the flow-matching loss; return its EMA weights."""
     generator = torch.Generator().manual_seed(recipe.seed + 2)
     if recipe.cross_attention_init_dims:
         _aim_text_inputs(transformer, context, pooled, recipe, generator)
-    ema = _ema_copy(transformer)
+    ema = ema_copy(transformer)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=recipe.denoiser_lr, weight_decay=1e-2)
-    schedule = _warmup_cosine(optimizer, recipe.warmup_steps, recipe.denoiser_steps)
+    schedule = warmup_cosine(optimizer, recipe.warmup_steps, recipe.denoiser_steps)
     bar.set_description("digits teacher: transformer")
     for step in range(recipe.denoiser_steps):
         batch = torch.randint(0, len(labels), (recipe.denoiser_batch_size,), generator=generator)
-        captions = _drop_captions(labels[batch], recipe.caption_dropout, generator)
-        loss = flow_matching_loss(transformer, latents[batch], context[captions], pooled[captions], recipe.flow_shift,
+        chosen = drop_captions(labels[batch], len(context) - 1, recipe.caption_dropout, generator)
+        loss = flow_matching_loss(transformer, latents[batch], context[chosen], pooled[chosen], recipe.flow_shift,
                                   generator)
-        _optimizer_step(optimizer, schedule, loss)
-        _ema_update(ema, transformer, min(recipe.ema_decay, (1 + step) / (10 + step)))
+        optimizer_step(optimizer, schedule, loss)
+        ema_update(ema, transformer, min(recipe.ema_decay, (1 + step) / (10 + step)))
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         bar.update()
     return ema.eval().requires_grad_(False)
@@ -78,7 +81,7 @@ def flow_matching_loss(transformer, latents, context, pooled, shift: float, gene
     return (velocity - (noise - latents)).square().mean()
 
 
-def _aim_text_inputs(transformer, context, pooled, recipe: TeacherRecipe, generator) -> None:
+def _aim_text_inputs(transformer, context, pooled, recipe, generator) -> None:
     """Point the joint-attention text projection and the pooled-text embedder at the caption-separating directions
     (the random text encoders put little of their output into what tells the captions apart; see digits.py)."""
     count, gain = recipe.cross_attention_init_dims, recipe.cross_attention_init_gain
