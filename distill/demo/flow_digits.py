@@ -68,9 +68,9 @@ def _train_transformer(transformer, latents, labels, context, pooled, recipe, ba
 
 
 def flow_matching_loss(transformer, latents, context, pooled, shift: float, generator) -> torch.Tensor:
-    """SD3's rectified-flow loss (Esser et al. 2024, eq. 1 with the logit-normal density of section 3.1): MSE
+    """SD3's rectified-flow loss (Esser et al. 2024, sec. 2 and the logit-normal sigma density of sec. 3.1): MSE
     between the predicted velocity and eps - x0 at x_t = (1 - sigma) x0 + sigma eps, sigma then shifted as the
-    scheduler shifts it (sigma' = shift sigma / (1 + (shift - 1) sigma), section 5.3.2)."""
+    scheduler shifts it (sigma' = shift sigma / (1 + (shift - 1) sigma), the resolution shift of sec. 5.3.2)."""
     logit_normal = torch.sigmoid(torch.randn(len(latents), generator=generator))
     sigmas = shift * logit_normal / (1 + (shift - 1) * logit_normal)
     noise = torch.randn(latents.shape, generator=generator)
