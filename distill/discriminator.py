@@ -1,11 +1,15 @@
-"""Diffusion-GAN discriminators on a UNet's encoder features.
+"""Diffusion-GAN discriminators on a denoiser network's encoder features.
 
-* PCM / UFOGen: the frozen teacher UNet (for LoRA students: the student's UNet with its adapters disabled), run only
-  through its encoder half (conv_in, time/added embeddings, down blocks, mid block) and kept differentiable with
-  respect to its input so the generator receives gradients; only small heads, one per feature level, are trained
-  (PCM's adversarial consistency loss, Wang et al. 2024; UFOGen-style diffusion GANs).
-* DMD2: a classifier on the bottleneck (mid block) features of the fake score, trained together with the fake score
-  (DMD2, Yin et al. 2024, sec. 4.3); the generator reads it with both frozen.
+* PCM / UFOGen: the frozen teacher network (for LoRA students: the student's network with its adapters disabled), run
+  only through its encoder half and kept differentiable with respect to its input so the generator receives
+  gradients; only small heads, one per feature level, are trained (PCM's adversarial consistency loss, Wang et al.
+  2024; UFOGen-style diffusion GANs).
+* DMD2: a classifier on the bottleneck features of the fake score, trained together with the fake score (DMD2, Yin et
+  al. 2024, sec. 4.3); the generator reads it with both frozen.
+
+A UNet's encoder half is conv_in, the time/added embeddings, the down blocks and the mid block (the bottleneck); a
+transformer's (SD3, FLUX.1) is its stem and first half of joint blocks, read as token maps
+(``distill.transformer_features``).
 """
 
 from __future__ import annotations
@@ -17,16 +21,9 @@ import torch
 from torch import nn
 
 from .denoiser import network_dtype, using_adapter
-from .errors import DistillError
-
-
-def require_unet_encoder(family, what: str, fix: str) -> None:
-    """Refuse, before any weights load, a discriminator on a teacher whose network is not a UNet: every head here
-    reads a UNet's encoder (down and mid blocks); a transformer (SD3) has none."""
-    if family.network_class != "UNet2DConditionModel":
-        raise DistillError(f"{what} reads the encoder features of a UNet, but the {family.label} teacher's network is "
-                           f"a {family.network_label} ({family.network_class}), which this toolkit has no "
-                           f"discriminator for yet. {fix}")
+from .transformer_features import (capture_transformer_bottleneck, feature_block_indices,
+                                   is_transformer, token_patch, transformer_encoder_modules, transformer_features,
+                                   width)
 
 
 def unet_encoder_features(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
@@ -60,10 +57,23 @@ def unet_encoder_features(unet: nn.Module, sample: torch.Tensor, timestep: torch
     return features
 
 
+def network_features(net: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
+                     **network_kwargs) -> list[torch.Tensor]:
+    """The encoder feature maps of a UNet or a transformer (its bottleneck last) at the network's own timestep."""
+    if is_transformer(net):
+        return transformer_features(net, sample, timestep, **network_kwargs)
+    return unet_encoder_features(net, sample, timestep, **network_kwargs)
+
+
 @contextlib.contextmanager
 def capture_bottleneck(unet: nn.Module):
-    """Inside the block, ``captured[0]`` is the output of ``unet``'s mid block in its latest forward (the full forward
-    still runs: one call gives a network's prediction and its bottleneck features, as DDP wants one call per step)."""
+    """Inside the block, ``captured[0]`` is the bottleneck feature map (a UNet's mid-block output, a transformer's
+    half-depth tokens) of ``unet``'s latest forward (the full forward still runs: one call gives a network's
+    prediction and its bottleneck features, as DDP wants one call per step)."""
+    if is_transformer(unet):
+        with capture_transformer_bottleneck(unet) as captured:
+            yield captured
+        return
     captured: list[torch.Tensor] = []
 
     def keep(module, inputs, output):
@@ -123,15 +133,19 @@ def _without_gradient_checkpointing(unet: nn.Module):
 
 
 def teacher_features(denoiser, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
-    """Encoder features of the frozen teacher (the student's UNet with LoRA disabled), differentiable w.r.t. ``x``
-    (PCM's adversarial loss and UFOGen's discriminator: both build D on the pre-trained UNet's encoder)."""
+    """Encoder features of the frozen teacher (the student's network with LoRA disabled) at training timestep ``t``,
+    differentiable w.r.t. ``x`` (PCM's adversarial loss and UFOGen's discriminator: both build D on the pre-trained
+    network's encoder)."""
     with denoiser.as_teacher() as teacher, _without_gradient_checkpointing(teacher.module):
         dtype = network_dtype(teacher.module)
-        return unet_encoder_features(teacher.module, x.to(dtype), t, **cond.to(x.device, dtype).unet_kwargs())
+        return network_features(teacher.module, x.to(dtype), denoiser.schedule.network_timestep(t),
+                                **cond.to(x.device, dtype).unet_kwargs())
 
 
 def feature_channels(unet_config) -> list[int]:
-    """Channels of the feature maps ``unet_encoder_features`` returns, read from the UNet's config (or its dict)."""
+    """Channels of the feature maps ``network_features`` returns, read from the network's config (or its dict)."""
+    if "block_out_channels" not in unet_config:  # a transformer: one token width per feature block
+        return [width(unet_config)] * len(feature_block_indices(unet_config["num_layers"]))
     channels = list(unet_config["block_out_channels"])
     if unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None:
         channels.append(channels[-1])
@@ -163,7 +177,7 @@ class DiscriminatorHeads(nn.Module):
 
     @classmethod
     def from_unet_config(cls, unet_config) -> "DiscriminatorHeads":
-        """Heads matching the feature maps of a UNet with this config."""
+        """Heads matching the feature maps of a network (UNet or transformer) with this config."""
         return cls(feature_channels(unet_config), unet_config.get("norm_num_groups") or 32)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -179,6 +193,13 @@ class DiscriminatorHeads(nn.Module):
 def bottleneck_size(unet_config, latent_size: int) -> int:
     """Side of the mid block's feature map: each down block but the last halves the latent (diffusers' UNet2D)."""
     return max(latent_size // 2 ** (len(unet_config["down_block_types"]) - 1), 1)
+
+
+def bottleneck_shape(net: nn.Module, latent_size: int) -> tuple[int, int]:
+    """(channels, side) of ``net``'s bottleneck feature map for square latents of side ``latent_size``."""
+    if is_transformer(net):
+        return width(net.config), max(latent_size // token_patch(net), 1)
+    return net.config["block_out_channels"][-1], bottleneck_size(net.config, latent_size)
 
 
 class BottleneckClassifier(nn.Module):
@@ -203,6 +224,11 @@ class BottleneckClassifier(nn.Module):
         return cls(unet_config["block_out_channels"][-1], bottleneck_size(unet_config, latent_size),
                    unet_config.get("norm_num_groups") or 32)
 
+    @classmethod
+    def for_network(cls, net: nn.Module, latent_size: int) -> "BottleneckClassifier":
+        """A classifier for the bottleneck of ``net`` (UNet or transformer) at latents of side ``latent_size``."""
+        return cls(*bottleneck_shape(net, latent_size), net.config.get("norm_num_groups") or 32)
+
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         """One realism logit per sample, shape (batch,)."""
         return self.layers(feature.to(self.layers[0].weight.dtype)).flatten()
@@ -212,46 +238,50 @@ class BottleneckClassifier(nn.Module):
         return frozen_call(self, feature)
 
 
-def adapter_encoder_features(view, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
-    """Encoder features of an ``AdapterView``'s UNet with only its adapter on (the encoder half only)."""
+def adapter_encoder_features(view, x: torch.Tensor, timestep: torch.Tensor, cond) -> list[torch.Tensor]:
+    """Encoder features of an ``AdapterView``'s network with only its adapter on (the encoder half only), at the
+    network's own ``timestep`` (``NoiseSchedule.network_timestep``)."""
     unet = view.unet
     with using_adapter(unet, view.adapter), _without_gradient_checkpointing(unet):
         dtype = network_dtype(unet)
-        return unet_encoder_features(unet, x.to(dtype), t, **cond.to(x.device, dtype).unet_kwargs())
+        return network_features(unet, x.to(dtype), timestep, **cond.to(x.device, dtype).unet_kwargs())
 
 
-def adapter_bottleneck(view, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-    """Mid-block features of an ``AdapterView``'s UNet with only its adapter on, differentiable w.r.t. ``x`` and not
-    w.r.t. any weight (DMD2's generator reads the fake score's bottleneck frozen; sec. 4.3)."""
+def adapter_bottleneck(view, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
+    """Bottleneck features of an ``AdapterView``'s network with only its adapter on, differentiable w.r.t. ``x`` and
+    not w.r.t. any weight (DMD2's generator reads the fake score's bottleneck frozen; sec. 4.3)."""
     with frozen_parameters(view):
-        return adapter_encoder_features(view, x, t, cond)[-1]
+        return adapter_encoder_features(view, x, timestep, cond)[-1]
 
 
 ENCODER_PREFIXES = ("down_blocks.", "mid_block.")
 
 
 def encoder_modules(unet: nn.Module, targets: list[str]) -> list[str]:
-    """Full names of the modules among ``targets`` (names or name suffixes) that ``unet_encoder_features`` runs: an
-    adapter on these alone has no weight outside the discriminator's graph (DDP wants every parameter used)."""
+    """Full names of the modules among ``targets`` (names or name suffixes) that ``network_features`` runs and reads:
+    an adapter on these alone has no weight outside the discriminator's graph (DDP wants every parameter used)."""
+    if is_transformer(unet):
+        return transformer_encoder_modules(unet, targets)
     return [name for name, _ in unet.named_modules() if name.startswith(ENCODER_PREFIXES)
             and any(name == target or name.endswith("." + target) for target in targets)]
 
 
 class TrainedEncoderDiscriminator(nn.Module):
-    """A diffusion-GAN discriminator initialised from the pre-trained UNet and trained (UFOGen sec. 4.1, as DDGAN /
-    SIDDM): the UNet's encoder with a LoRA adapter of its own (zero-initialised: it starts as the teacher's encoder)
-    and one head per feature level. One UNet stays in memory: the backbone is an ``AdapterView`` of the student's."""
+    """A diffusion-GAN discriminator initialised from the pre-trained network and trained (UFOGen sec. 4.1, as DDGAN /
+    SIDDM): the network's encoder half with a LoRA adapter of its own (zero-initialised: it starts as the teacher's
+    encoder) and one head per feature level. One network stays in memory: the backbone is an ``AdapterView`` of the
+    student's."""
 
     def __init__(self, backbone, heads: DiscriminatorHeads):
         super().__init__()
         self.backbone = backbone
         self.heads = heads
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
-        """One logit map per encoder feature level of ``x`` at timestep ``t``."""
-        return self.heads(adapter_encoder_features(self.backbone, x, t, cond))
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> list[torch.Tensor]:
+        """One logit map per encoder feature level of ``x`` at the network's own ``timestep``."""
+        return self.heads(adapter_encoder_features(self.backbone, x, timestep, cond))
 
-    def frozen(self, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
+    def frozen(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> list[torch.Tensor]:
         """The same logits, differentiable w.r.t. ``x`` only: the generator's loss reaches only the generator."""
         with frozen_parameters(self):
-            return self(x, t, cond)
+            return self(x, timestep, cond)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+PACKED_PATCH = 2  # each token packs a 2x2 patch of latent pixels
 _PACKED = "_distill_packed"  # (the img_ids tensor the pre-hook made, latent (H, W)) of the latest packed call
 
 

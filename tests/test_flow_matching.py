@@ -23,7 +23,7 @@ from distill.renoising import chain_timesteps
 from distill.schedule import (FlowMatchingSchedule, consistency_boundary_scalings, ddim_timesteps, diffuse_between,
                               phase_edges, posterior_mean_variance)
 from distill.solvers import ddim_step
-from distill.testing import method_on_teacher, tiny_sd3_transformer
+from distill.testing import method_on_teacher, tiny_flux_transformer, tiny_sd3_transformer
 
 SHIFT = 3.0
 
@@ -159,11 +159,8 @@ def test_consistency_step_is_the_trained_consistency_function(schedule):
 # ------------------------------------------------------------------------------------------ methods on SD3
 
 
-SUPPORTED = ["lcm", "pcm", "rectified", "swiftbrush", "dmd2"]
-
-
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-@pytest.mark.parametrize("name", SUPPORTED)
+@pytest.mark.parametrize("name", list(METHODS))
 def test_each_method_samples_on_the_grid_it_trains_on(request, family, name):
     """The exported scheduler holds the training sigmas (FLUX.1: with the training resolution's shift) and steps on
     the method's own grid."""
@@ -181,6 +178,8 @@ def test_each_method_samples_on_the_grid_it_trains_on(request, family, name):
         assert scheduler.train_timesteps.tolist() == method.edges[1:].flip(0).tolist()
     elif name == "dmd2":
         assert scheduler.train_timesteps.tolist() == method.timesteps.tolist()
+    elif name == "ufogen":
+        assert scheduler.train_timesteps.tolist() == method.chain_timesteps(spec.num_inference_steps).tolist()
     else:  # one-step (SwiftBrush) or phased (rectified) students start from pure noise, sigma = 1
         assert int(scheduler.train_timesteps[0]) == 999 and float(scheduler.timesteps[0]) == 1000.0
 
@@ -233,24 +232,83 @@ def test_kohya_names_are_the_ones_comfyui_maps_for_sd3():
         assert name == "lora_transformer_" + path.replace(".", "_")
 
 
-@pytest.mark.parametrize("family, method, flags, message", [
-    ("sd3", "ufogen", [], "UFOGen's diffusion-GAN discriminator reads the encoder features of a UNet"),
-    ("flux", "ufogen", [], "UFOGen's diffusion-GAN discriminator reads the encoder features of a UNet"),
-    ("sd3", "pcm", ["--adv_weight", "0.1"], "Pass --adv_weight 0"),
-    ("sd3", "dmd2", ["--gen_cls_loss_weight", "0.01"], "Pass --gen_cls_loss_weight 0"),
-])
-def test_a_discriminator_on_a_transformer_teacher_is_refused_before_training(request, image_folder, tmp_path, capsys,
-                                                                             family, method, flags, message):
-    from distill.__main__ import run
-    from distill.families import get_family
+def transformer_inputs(family: str, batch: int = 2):
+    """(tiny transformer taking unpacked latents, non-square latents, network timesteps, network kwargs)."""
+    from distill.packing import accept_unpacked_latents
 
-    teacher = request.getfixturevalue(f"{family}_teacher")
-    code = run([method, "--pretrained_teacher_model", str(teacher), "--train_data_dir", str(image_folder),
-                "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1", "--resolution", "32", *flags])
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert code != 0 and len(errors) == 1
-    assert message in errors[0] and get_family(family).label in errors[0]
-    assert not (tmp_path / "out" / "checkpoint-1").exists()
+    generator = torch.Generator().manual_seed(0)
+    if family == "sd3":
+        net = tiny_sd3_transformer(num_layers=4)
+        kwargs = {"encoder_hidden_states": torch.randn(batch, 7, 32, generator=generator),
+                  "pooled_projections": torch.randn(batch, 64, generator=generator)}
+        timestep = torch.tensor([300.0, 900.0])
+    else:
+        net = accept_unpacked_latents(tiny_flux_transformer())
+        kwargs = {"encoder_hidden_states": torch.randn(batch, 7, 32, generator=generator),
+                  "pooled_projections": torch.randn(batch, 32, generator=generator),
+                  "guidance": torch.full((batch,), 3.5)}
+        timestep = torch.tensor([0.3, 0.9])  # FLUX.1 is called with sigma itself
+    return net, torch.randn(batch, 4, 16, 12, generator=generator), timestep, kwargs
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@torch.no_grad()
+def test_transformer_features_are_the_networks_own_block_outputs(family):
+    """The discriminators' features (the stem and first half of the joint blocks, run on their own) are the image
+    tokens the full forward computes after those blocks, laid on the latent grid; the bottleneck a full forward
+    captures is the last of them; the heads and DMD2's classifier read them."""
+    from distill.discriminator import BottleneckClassifier, DiscriminatorHeads, capture_bottleneck, network_features
+    from distill.transformer_features import feature_block_indices
+
+    net, x, timestep, kwargs = transformer_inputs(family)
+    outputs = []
+    hooks = [block.register_forward_hook(lambda module, args, out: outputs.append(out[1]))
+             for block in net.transformer_blocks]
+    with capture_bottleneck(net) as bottleneck:
+        net(x, timestep=timestep, **kwargs, return_dict=False)
+    for hook in hooks:
+        hook.remove()
+    features = network_features(net, x, timestep, **kwargs)
+    levels = feature_block_indices(len(net.transformer_blocks))
+    assert levels == ([0, 1] if family == "sd3" else [0])  # 4 joint blocks: the first half; FLUX's one double block
+    assert [f.shape for f in features] == [(2, 32, 8, 6)] * len(levels)  # one token per 2x2 patch of 16x12
+    for level, feature in zip(levels, features):
+        tokens = feature.flatten(2).transpose(1, 2)  # back to row-major tokens
+        torch.testing.assert_close(tokens, outputs[level], rtol=0, atol=0)
+    torch.testing.assert_close(bottleneck[0], features[-1], rtol=0, atol=0)
+    logits = DiscriminatorHeads.from_unet_config(net.config)(features)
+    assert [l.shape for l in logits] == [(2, 1, 8, 6)] * len(levels)
+    square = network_features(net, x[..., :12, :], timestep, **kwargs)[-1]
+    assert BottleneckClassifier.for_network(net, 12)(square).shape == (2,)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_ufogens_trained_discriminator_uses_every_weight_of_its_adapter(request, family):
+    """UFOGen's discriminator adapter sits on the joint blocks the features read, minus the last block's text-stream
+    outputs that reach no feature: the discriminator's loss gives every one of its weights a gradient (as DDP
+    requires) and none to the generator; the generator's adversarial loss reaches the generator only."""
+    from distill.methods import LatentBatch
+
+    cls = METHODS["ufogen"]
+    method, loaded = method_on_teacher(cls, cls.Config(lora_rank=4, reconstruction_weight=0.0),
+                                       request.getfixturevalue(f"{family}_teacher"), 32)
+    adapted = [n for n, _ in method.nets["discriminator"].named_parameters() if "lora" in n]
+    assert adapted and not any("to_add_out" in n or "ff_context" in n for n in adapted
+                               if n.startswith("backbone.transformer_blocks.0."))  # block 0 is the last one read
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, *loaded.latent_shape, generator=generator)
+    cond = loaded.conditioner.encode(["a photo of three", "a photo of seven"])
+    torch.manual_seed(0)
+    losses = method.loss(LatentBatch(latents, cond, loaded.conditioner.unconditional(2)), 0)
+    groups = method.trainable()
+    losses["discriminator"].backward(retain_graph=True)
+    assert all(p.grad is not None for p in groups["discriminator"])
+    assert all(p.grad is None for p in groups["unet"])
+    for p in groups["discriminator"]:
+        p.grad = None
+    losses["unet"].backward()
+    assert all(p.grad is None for p in groups["discriminator"])
+    assert sum(p.grad.abs().sum().item() for p in groups["unet"] if p.grad is not None) > 0
 
 
 def test_pairs_of_an_sd3_teacher_are_its_flow_ode_solution(sd3_teacher, tmp_path):
@@ -449,3 +507,40 @@ def test_a_fully_fine_tuned_transformer_student_exports_and_loads_back(sd3_teach
         images = pipe("a handwritten digit two", num_inference_steps=1, guidance_scale=1.0, height=32, width=32,
                       output_type="np", generator=torch.Generator().manual_seed(0)).images
         assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_ufogen_on_flux_trains_its_discriminator_and_exports_only_the_generator(flux_teacher, image_folder, tmp_path):
+    """UFOGen on a FLUX.1-dev teacher through the trainer: the checkpoint holds the discriminator (heads and its
+    encoder adapter) trained away from its start, the exported LoRA holds the generator's adapter alone, and the stock
+    FluxPipeline with that LoRA samples other images than the teacher in one step."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    from distill.data import ImageDataConfig
+    from distill.methods import UFOGenConfig
+    from distill.trainer import Trainer, TrainConfig
+
+    out = tmp_path / "student"
+    config = TrainConfig(pretrained_teacher_model=str(flux_teacher), output_dir=str(out), seed=0, train_batch_size=2,
+                         max_train_steps=2, checkpointing_steps=2, validation_steps=0, learning_rate=1e-3,
+                         lr_warmup_steps=0, resolution=32)
+    Trainer("ufogen", UFOGenConfig(lora_rank=4), ImageDataConfig(train_data_dir=str(image_folder)), config).run()
+
+    discriminator = load_file(out / "checkpoint-2" / "discriminator_trainable.safetensors")
+    adapter = {k: v for k, v in discriminator.items() if "lora_B" in k}
+    assert adapter and all(k.startswith("backbone.transformer_blocks.0.") for k in adapter)
+    assert any(v.abs().sum() > 0 for v in adapter.values())  # zero at the start: the discriminator's encoder trained
+    exported = load_file(out / "pytorch_lora_weights.safetensors")
+    assert exported and all(k.startswith("transformer.") and "discriminator" not in k for k in exported)
+    student = load_file(out / "checkpoint-2" / "unet_trainable.safetensors")
+    assert len(exported) == len(student)
+
+    def sample(pipe):
+        return pipe("a striped picture number 3", num_inference_steps=1, guidance_scale=3.5, height=32, width=32,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+    pipe = FluxPipeline.from_pretrained(flux_teacher)
+    before = sample(pipe)
+    pipe.load_lora_weights(out)
+    after = sample(pipe)
+    assert np.isfinite(after).all() and np.abs(after - before).max() > 1e-3

@@ -35,14 +35,13 @@ PROMPTS = ["a handwritten digit seven", "a red square"]
 CASES = [(name, {}) for name in METHODS] + [("pcm", {"adv_weight": 0.1}), ("dmd2", {"gen_cls_loss_weight": 0.0}),
                                                ("dmd2", {"gen_cls_loss_weight": 0.0, "regression_loss_weight": 1.0})]
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in overrides.items()) for name, overrides in CASES]
-# The same contract on the flow-matching transformer teachers (SD3, FLUX.1-dev), for every case that does not need a
-# discriminator on a UNet's encoder (UFOGen's, PCM's adversarial heads, DMD2's classifier: refused there, see
-# test_flow_matching.py).
-FLOW_CASES = [(name, overrides) for name, overrides in CASES
-              if name != "ufogen" and not overrides.get("adv_weight") and "gen_cls_loss_weight" not in overrides]
+# The same contract on the flow-matching transformer teachers (SD3, FLUX.1-dev): every method with its defaults, and
+# the variants that add a discriminator on the transformer's tokens (DMD2's GAN term is off there by default).
+FLOW_CASES = [(name, {}) for name in METHODS] + [("pcm", {"adv_weight": 0.1}), ("dmd2", {"gen_cls_loss_weight": 5e-3})]
 FAMILY_CASES = [("sd", *case) for case in CASES] + [(family, *case) for family in ("sd3", "flux")
                                                      for case in FLOW_CASES]
-FAMILY_CASE_IDS = [f"{family}-{CASE_IDS[CASES.index((name, overrides))]}" for family, name, overrides in FAMILY_CASES]
+FAMILY_CASE_IDS = [f"{family}-{name}" + "".join(f"-{k}={v}" for k, v in overrides.items())
+                   for family, name, overrides in FAMILY_CASES]
 
 
 def build(teacher_folder: Path, name: str, overrides: dict):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..discriminator import DiscriminatorHeads, require_unet_encoder, teacher_features
+from ..discriminator import DiscriminatorHeads, teacher_features
 from ..errors import DistillError
 from ..lora import LoRASettings
 from ..losses import DistanceSettings, distance, adversarial_losses
@@ -61,12 +61,6 @@ class PCMConfig(CFGSolverSettings, DistanceSettings, LoRASettings):
         if self.adv_lr <= 0:
             raise DistillError(f"--adv_lr must be positive, got {self.adv_lr}.")
 
-    def check_against_family(self, family) -> None:
-        """The adversarial term's discriminator needs a UNet teacher (called before any weights load)."""
-        if self.adv_weight > 0:
-            require_unet_encoder(family, "PCM's adversarial loss (--adv_weight)",
-                                 "Pass --adv_weight 0 (plain phased consistency distillation).")
-
 
 class PCM(Method):
     """A LoRA student whose phased consistency function f^m_theta maps x_t to the start s_m of its phase."""
@@ -76,7 +70,6 @@ class PCM(Method):
 
     def __init__(self, teacher: Teacher, config: PCMConfig):
         super().__init__(teacher, config)
-        config.check_against_family(teacher.info.family_spec)
         num_train_timesteps = teacher.schedule.num_train_timesteps
         self.grid, self.skip = config.skipping_grid(num_train_timesteps)
         self.lora_params = config.attach_lora(teacher.unet, teacher.lora_targets)

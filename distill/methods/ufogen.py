@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..conditioning import Cond
-from ..discriminator import (DiscriminatorHeads, TrainedEncoderDiscriminator, encoder_modules, require_unet_encoder,
-                             teacher_features)
+from ..discriminator import DiscriminatorHeads, TrainedEncoderDiscriminator, encoder_modules, teacher_features
 from ..ema import EMASettings
 from ..errors import DistillError
 from ..lora import LoRASettings
@@ -83,11 +82,6 @@ class UFOGenConfig(EMASettings, LoRASettings):
         """The K-point chain must fit the teacher's T training timesteps (called before any weights load)."""
         check_fits_teacher("num_denoising_steps", self.num_denoising_steps, num_train_timesteps)
 
-    def check_against_family(self, family) -> None:
-        """UFOGen's discriminator needs a UNet teacher (called before any weights load)."""
-        require_unet_encoder(family, "UFOGen's diffusion-GAN discriminator",
-                             "Distil this teacher with lcm, pcm, rectified, swiftbrush or dmd2.")
-
 
 class UFOGen(Method):
     """A LoRA generator x0' = G_theta(x_t, t) trained against a diffusion-GAN discriminator on the UNet's encoder."""
@@ -98,7 +92,6 @@ class UFOGen(Method):
     def __init__(self, teacher: Teacher, config: UFOGenConfig):
         super().__init__(teacher, config)
         num_train_timesteps = teacher.schedule.num_train_timesteps
-        config.check_against_family(teacher.info.family_spec)
         config.check_against_teacher(num_train_timesteps)
         self.gap = num_train_timesteps // config.num_denoising_steps
         heads = DiscriminatorHeads.from_unet_config(teacher.unet.config).to(teacher.unet.device)
@@ -181,8 +174,9 @@ class UFOGen(Method):
             with torch.no_grad():
                 real_features = teacher_features(self.denoiser(), real, t_prev, cond)
             return adversarial_losses(discriminator, real_features, fake_features, kind)
-        generator_logits = getattr(discriminator, "module", discriminator).frozen(fake, t_prev, cond)
-        both = discriminator(torch.cat([real, fake.detach()]), torch.cat([t_prev, t_prev]), Cond.cat([cond, cond]))
+        timestep = self.teacher.schedule.network_timestep(t_prev)
+        generator_logits = getattr(discriminator, "module", discriminator).frozen(fake, timestep, cond)
+        both = discriminator(torch.cat([real, fake.detach()]), torch.cat([timestep, timestep]), Cond.cat([cond, cond]))
         return gan_losses(kind, generator_logits, *split_real_fake(both))
 
     def export_defaults(self) -> SamplingSpec:
