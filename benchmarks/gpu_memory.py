@@ -14,9 +14,10 @@ import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from distill.discriminator import BottleneckClassifier, DiscriminatorHeads, unet_encoder_features
+from distill.discriminator import BottleneckClassifier, DiscriminatorHeads, encoder_modules, network_features
 from distill.families import SD, SD3, SDXL, TRANSFORMER_LORA_TARGETS, UNET_LORA_TARGETS
 from distill.lora import add_lora
+from distill.packing import unpack_latents
 
 GIB, RANK, CHECKPOINT = 2**30, 64, torch.utils.checkpoint.checkpoint
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
@@ -67,12 +68,9 @@ METHODS = {
     "dmd2": (("lora", "lora", "classifier"), (("unet", 1), ("plain frozen encoder", 1),
                                               ("unet", 3), ("classifier", 2), ("classifier", 1)), 3),
 }
-# The methods that run on a transformer teacher (sd3), with METHODS' accounting: ufogen (its discriminator reads a UNet
-# encoder) and pcm's adversarial term do not; dmd2 runs without its GAN classifier (its sd3 default), its fake score
-# on the score-matching rows alone.
-TRANSFORMER_METHODS = {**{m: METHODS[m] for m in ("lcm, pcm, rectified (phased)", "rectified (pairs, consistency)",
-                                                  "swiftbrush")},
-                       "dmd2 (no GAN term)": (("lora", "lora"), (("unet", 1), ("unet", 1)), 3)}
+# On a transformer teacher the same, the discriminators reading the first half of the joint blocks; dmd2 also without
+# its GAN classifier (the default on sd3 and flux), its fake score on the score-matching rows alone.
+TRANSFORMER_METHODS = {**METHODS, "dmd2 (no GAN term)": (("lora", "lora"), (("unet", 1), ("unet", 1)), 3)}
 OVERHEAD = ("Not included above (an assumption, not derived): the CUDA context, about 1 GiB per process, and the "
             "caching allocator's fragmentation, some 10 %: plan for total x 1.1 + 1 GiB.")
 FLUX_NOTE = ("FLUX.1-dev's rows count the teacher's two CFG rows as for the other teachers, where the trainer makes "
@@ -222,8 +220,10 @@ def measure(unet, rows: int, part: str = "network", ckpt: str = "record", adapte
         with hooks, GpuKernels(autocast and device != "cuda"):  # fake CUDA tensors: torch's own autocast
             if part == "network":
                 forward(unet, x, t, kwargs)
-            else:  # as the discriminators run it: down and mid blocks, no checkpointing
-                features = unet_encoder_features(unet, x, t, **kwargs)
+            else:  # as the discriminators run it: the encoder half, no checkpointing
+                if x.dim() == 3:  # FLUX's packed tokens: the discriminators read (B, C, H, W) latents
+                    x = unpack_latents(x, FLUX_LATENT_SIDE, FLUX_LATENT_SIDE)
+                features = network_features(unet, x, t, **kwargs)
                 if head is not None:
                     head(features if isinstance(head, DiscriminatorHeads) else features[-1])
     finally:
@@ -270,34 +270,44 @@ def lora_curves(net: torch.nn.Module) -> dict:
     return {"unet on": curve(lambda r: measure(net, r, ckpt="on")), "unet off": curve(lambda r: measure(net, r))}
 
 
+def discriminator_parts(net: torch.nn.Module, latent_side: int) -> tuple[dict, dict]:
+    """(parameter counts, activation curves) of the discriminators on ``net``'s encoder half: heads, DMD2's
+    classifier, ufogen's encoder adapter (the student LoRA's size on the modules the features read)."""
+    with torch.device("meta"):
+        heads = DiscriminatorHeads.from_unet_config(net.config)
+        classifier = BottleneckClassifier.for_network(net, latent_side)
+    read = set(encoder_modules(net, [name for name, _ in net.named_modules()]))
+    counts = {"encoder lora": count(net, lambda k: "lora_" in k and k.split(".lora_")[0] in read),
+              "heads": count(heads), "classifier": count(classifier)}
+    frozen = dict(part="encoder", train=False, input_grad=True)
+    curves = {"teacher encoder": curve(lambda r: measure(net, r, **frozen, adapter=False, autocast=False)),
+              "frozen encoder": curve(lambda r: measure(net, r, **frozen)),
+              "plain frozen encoder": curve(lambda r: measure(net, r, **frozen, autocast=False)),
+              "trained encoder": curve(lambda r: measure(net, r, part="encoder")),
+              "heads": curve(lambda r: measure(net, r, part="encoder", train=False, head=heads)),
+              "classifier": curve(lambda r: measure(net, r, part="encoder", train=False, head=classifier))}
+    return counts, curves
+
+
 def family(unet_config: dict, encoders: list[dict], vae_fp32: bool) -> dict:
     """Parameter counts, frozen weight bytes and activation curves of one UNet teacher family, on the meta device."""
     unet = build_unet(unet_config)
-    with torch.device("meta"):
-        heads = DiscriminatorHeads.from_unet_config(unet.config)
-        classifier = BottleneckClassifier.from_unet_config(unet.config, unet.config.sample_size)
     clips = [("CLIPTextModelWithProjection" if i else "CLIPTextModel", cfg) for i, cfg in enumerate(encoders)]
-    encoder_lora = count(unet, lambda k: "lora_" in k and k.startswith(("down_blocks.", "mid_block.")))
-    n, weights = teacher(unet, "UNet", VAE, clips, vae_fp32, **{"encoder lora": encoder_lora})
-    n.update(heads=count(heads), classifier=count(classifier))
-    frozen = dict(part="encoder", train=False, input_grad=True)
+    parts, discriminator_curves = discriminator_parts(unet, unet.config.sample_size)
+    n, weights = teacher(unet, "UNet", VAE, clips, vae_fp32, **parts)
     curves = {**lora_curves(unet), "unet full on": curve(lambda r: measure(unet, r, ckpt="on", full=True)),
-              "unet full off": curve(lambda r: measure(unet, r, full=True)),
-              "teacher encoder": curve(lambda r: measure(unet, r, **frozen, adapter=False, autocast=False)),
-              "frozen encoder": curve(lambda r: measure(unet, r, **frozen)),
-              "plain frozen encoder": curve(lambda r: measure(unet, r, **frozen, autocast=False)),
-              "trained encoder": curve(lambda r: measure(unet, r, part="encoder")),
-              "heads": curve(lambda r: measure(unet, r, part="encoder", train=False, head=heads)),
-              "classifier": curve(lambda r: measure(unet, r, part="encoder", train=False, head=classifier))}
+              "unet full off": curve(lambda r: measure(unet, r, full=True)), **discriminator_curves}
     return {"counts": n, "weights": weights, "curves": curves}
 
 
-def transformer_family(network: str, config: dict, encoders: list[tuple[str, dict]], vae_fp32: bool) -> dict:
-    """Parameter counts, frozen weight bytes and LoRA activation curves of a flow-matching transformer teacher, on
-    the meta device (the LoRA on TRANSFORMER_LORA_TARGETS, as for the sd3 family)."""
+def transformer_family(network: str, config: dict, encoders: list[tuple[str, dict]], vae_fp32: bool,
+                       latent_side: int) -> dict:
+    """Parameter counts, frozen weight bytes and activation curves of a flow-matching transformer teacher, on the
+    meta device (the LoRA on TRANSFORMER_LORA_TARGETS, as for the sd3 family)."""
     net = build_network(config, network, TRANSFORMER_LORA_TARGETS)
-    n, weights = teacher(net, "transformer", VAE_16, encoders, vae_fp32)
-    return {"counts": n, "weights": weights, "curves": lora_curves(net)}
+    parts, discriminator_curves = discriminator_parts(net, latent_side)
+    n, weights = teacher(net, "transformer", VAE_16, encoders, vae_fp32, **parts)
+    return {"counts": n, "weights": weights, "curves": {**lora_curves(net), **discriminator_curves}}
 
 
 def activations(fam: dict, graphs, nograd_rows: int, batch: int, ckpt: bool) -> int:
@@ -408,12 +418,15 @@ def main() -> None:
              "SDXL 1024 px": family(SDXL_UNET, [CLIP_L, CLIP_BIGG], SDXL.vae_fp32)}
     sd3_encoders = list(zip(SD3.conditioner.encoder_classes, (CLIP_L, CLIP_BIGG, T5_XXL), strict=True))
     transformers = {
-        "SD3.5-medium 1024 px": transformer_family(SD3.network_class, SD35_MEDIUM, sd3_encoders, SD3.vae_fp32),
-        "SD3.5-large 1024 px": transformer_family(SD3.network_class, SD35_LARGE, sd3_encoders, SD3.vae_fp32),
+        "SD3.5-medium 1024 px": transformer_family(SD3.network_class, SD35_MEDIUM, sd3_encoders, SD3.vae_fp32,
+                                                   SD35_MEDIUM["sample_size"]),
+        "SD3.5-large 1024 px": transformer_family(SD3.network_class, SD35_LARGE, sd3_encoders, SD3.vae_fp32,
+                                                  SD35_LARGE["sample_size"]),
         "FLUX.1-dev 1024 px": transformer_family("FluxTransformer2DModel", FLUX_DEV,
-                                                 [("CLIPTextModel", CLIP_L), ("T5EncoderModel", T5_XXL)], False)}
-    title = ("Flow-matching transformer teachers (the sd3 and flux families: no ufogen, no pcm --adv_weight > 0, dmd2 "
-             "without its GAN classifier):")
+                                                 [("CLIPTextModel", CLIP_L), ("T5EncoderModel", T5_XXL)], False,
+                                                 FLUX_LATENT_SIDE)}
+    title = ("Flow-matching transformer teachers (the sd3 and flux families; the discriminators read the first half "
+             "of the joint blocks, and dmd2's GAN classifier is off by default there):")
     text = "\n".join(tables(unets, METHODS, OVERHEAD) + ["", title, ""]
                      + tables(transformers, TRANSFORMER_METHODS, FLUX_NOTE) + [""] + tiny_checks())
     print(text)

@@ -152,12 +152,28 @@ def feature_channels(unet_config) -> list[int]:
     return channels
 
 
+# The widest feature map a head works at: a UNet's widest (SD1.5's and SDXL's 1280 channels). Wider transformer tokens
+# (SD3.5-large 2432, FLUX.1-dev 3072) are first projected down to it by a 1x1 convolution, which keeps the trained
+# heads and classifier at a UNet's size rather than growing with the square of the token width.
+MAX_HEAD_WIDTH = 1280
+
+
+def narrowed(channels: int) -> tuple[list[nn.Module], int]:
+    """(a 1x1 projection down to ``MAX_HEAD_WIDTH`` where ``channels`` is wider, else nothing; the width after it)."""
+    if channels <= MAX_HEAD_WIDTH:
+        return [], channels
+    return [nn.Conv2d(channels, MAX_HEAD_WIDTH, 1)], MAX_HEAD_WIDTH
+
+
 class DiscriminatorHead(nn.Module):
-    """conv 3x3 -> group norm -> SiLU -> conv 1x1 to one logit per feature-map position."""
+    """conv 3x3 -> group norm -> SiLU -> conv 1x1 to one logit per feature-map position (a wider feature map is first
+    projected to ``MAX_HEAD_WIDTH`` channels)."""
 
     def __init__(self, channels: int, norm_num_groups: int = 32):
         super().__init__()
+        projection, channels = narrowed(channels)
         self.layers = nn.Sequential(
+            *projection,
             nn.Conv2d(channels, channels, 3, padding=1),
             nn.GroupNorm(math.gcd(norm_num_groups, channels), channels),
             nn.SiLU(),
@@ -205,12 +221,13 @@ def bottleneck_shape(net: nn.Module, latent_size: int) -> tuple[int, int]:
 class BottleneckClassifier(nn.Module):
     """DMD2's realism classifier on bottleneck features (DMD2, Yin et al. 2024, sec. 4.3): 4x4 stride-2 convolutions
     down to 4x4 (8x8 -> 4x4 for SD1.5 at 512 px, 32x32 -> 4x4 for SDXL at 1024 px), one convolution to 1x1, then a
-    1x1 convolution to one logit; GroupNorm and SiLU after each but the last, as the reference code builds it."""
+    1x1 convolution to one logit; GroupNorm and SiLU after each but the last, as the reference code builds it (a wider
+    bottleneck, a transformer's, is first projected to ``MAX_HEAD_WIDTH`` channels)."""
 
     def __init__(self, channels: int, size: int, norm_num_groups: int = 32):
         super().__init__()
+        layers, channels = narrowed(channels)
         groups = math.gcd(norm_num_groups, channels)
-        layers: list[nn.Module] = []
         while size > 4:
             layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU()]
             size //= 2
