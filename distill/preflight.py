@@ -81,9 +81,11 @@ def run_seed(given: int | None, resume_path: Path | None) -> tuple[int, bool]:
     if recorded is not None:
         return recorded, False
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
-    PartialState()  # the process group of a multi-process launch, for the broadcast
+    # The process group of a multi-process launch, for the broadcast, made as the Accelerator later makes it: on a CPU
+    # launch (ACCELERATE_USE_CPU) without cpu=True accelerate would see one process and fix that for the whole run.
+    PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     return broadcast_object_list([int(np.random.SeedSequence().entropy % 2**32)])[0], True
 
 

@@ -22,9 +22,15 @@ MAX_FEATURE_LEVELS = 4
 TEXT_STREAM_OUTPUTS = ("attn.to_add_out", "ff_context.")
 
 
+def network_class(net: nn.Module) -> str | None:
+    """The diffusers class of ``net`` that this module reads (SD3, FLUX.1), also when sharding has subclassed it
+    (FSDP2 makes ``FSDPSD3Transformer2DModel``); None for any other network (a UNet)."""
+    return next((cls.__name__ for cls in type(net).__mro__ if cls.__name__ in STEMS), None)
+
+
 def is_transformer(net: nn.Module) -> bool:
     """Whether ``net`` is a joint-attention transformer this module reads (SD3, FLUX.1), not a UNet."""
-    return type(net).__name__ in STEMS
+    return network_class(net) is not None
 
 
 def feature_block_indices(num_blocks: int) -> list[int]:
@@ -42,7 +48,7 @@ def width(config) -> int:
 def token_patch(net: nn.Module) -> int:
     """Side, in latent pixels, of the square patch one image token covers (SD3: its patch embedding's; FLUX.1: the
     2x2 packing)."""
-    return PACKED_PATCH if type(net).__name__ == "FluxTransformer2DModel" else net.config.patch_size
+    return PACKED_PATCH if network_class(net) == "FluxTransformer2DModel" else net.config.patch_size
 
 
 def token_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -78,7 +84,7 @@ def transformer_features(net: nn.Module, sample: torch.Tensor, timestep: torch.T
     """Image-token maps after each of ``feature_block_indices``'s blocks for latents ``sample`` (B, C, H, W) at the
     network's own ``timestep``; ``network_kwargs`` as the network's forward takes them (``Cond.unet_kwargs``)."""
     levels = feature_block_indices(len(net.transformer_blocks))
-    hidden, context, block_kwargs = STEMS[type(net).__name__](net, sample, timestep, **network_kwargs)
+    hidden, context, block_kwargs = STEMS[network_class(net)](net, sample, timestep, **network_kwargs)
     patch = token_patch(net)
     grid = (sample.shape[-2] // patch, sample.shape[-1] // patch)
     features = []

@@ -282,6 +282,19 @@ def test_transformer_features_are_the_networks_own_block_outputs(family):
     assert BottleneckClassifier.for_network(net, 12)(square).shape == (2,)
 
 
+@torch.no_grad()
+def test_a_network_subclassed_by_sharding_is_read_as_its_class():
+    """FSDP2's fully_shard gives a network the class FSDP<its class>: the features still find its stem and patch."""
+    from distill.discriminator import network_features
+    from distill.transformer_features import is_transformer, token_patch
+
+    net, x, timestep, kwargs = transformer_inputs("flux")
+    expected = network_features(net, x, timestep, **kwargs)
+    net.__class__ = type("FSDP" + type(net).__name__, (type(net),), {})
+    assert is_transformer(net) and token_patch(net) == 2
+    torch.testing.assert_close(network_features(net, x, timestep, **kwargs), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_ufogens_trained_discriminator_uses_every_weight_of_its_adapter(request, family):
     """UFOGen's discriminator adapter sits on the joint blocks the features read, minus the last block's text-stream

@@ -224,3 +224,29 @@ def test_accelerate_configs_are_valid_for_accelerate_launch():
     assert load_config_from_file(str(CONFIGS / "fsdp.yaml")).fsdp_config["fsdp_version"] == 2  # what the trainer shards with
     node = load_config_from_file(str(CONFIGS / "multi_node.yaml"))
     assert node.main_process_ip and node.main_process_port
+
+
+SEED_SCRIPT = '''
+from accelerate import Accelerator
+from distill.preflight import run_seed
+
+seed, drawn = run_seed(None, None)
+accelerator = Accelerator()
+print(f"rank={accelerator.process_index} processes={accelerator.num_processes} seed={seed} drawn={drawn}", flush=True)
+'''
+
+
+def test_a_cpu_launch_without_seed_draws_one_seed_for_one_run_of_two_processes(tmp_path):
+    """Without --seed the seed is drawn once and broadcast; on a CPU launch (ACCELERATE_USE_CPU) that broadcast must
+    not make accelerate see one process, which left two independent runs racing for the same checkpoint folder."""
+    script = tmp_path / "seed.py"
+    script.write_text(SEED_SCRIPT)
+    argv = [ACCELERATE, "launch", "--config_file", CONFIGS / "multi_gpu.yaml", "--num_processes", "2",
+            "--mixed_precision", "no", "--main_process_port", str(free_ports(1)[0]), script]
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env=subprocess_env(ACCELERATE_USE_CPU="true"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank="))
+    assert [line.split()[:2] for line in lines] == [["rank=0", "processes=2"], ["rank=1", "processes=2"]]
+    seeds = {line.split()[2] for line in lines}
+    assert len(seeds) == 1 and all(line.endswith("drawn=True") for line in lines)
