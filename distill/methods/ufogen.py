@@ -84,7 +84,7 @@ class UFOGenConfig(EMASettings, LoRASettings):
 
 
 class UFOGen(Method):
-    """A LoRA generator x0' = G_theta(x_t, t) trained against a diffusion-GAN discriminator on the UNet's encoder."""
+    """A LoRA generator x0' = G_theta(x_t, t) trained against a diffusion-GAN discriminator on the network's encoder half."""
 
     name = "ufogen"
     Config = UFOGenConfig
