@@ -84,7 +84,8 @@ class UFOGenConfig(EMASettings, LoRASettings):
 
 
 class UFOGen(Method):
-    """A LoRA generator x0' = G_theta(x_t, t) trained against a diffusion-GAN discriminator on the network's encoder half."""
+    """A LoRA generator x0' = G_theta(x_t, t) trained against a diffusion-GAN discriminator on the encoder half of
+    the teacher's network."""
 
     name = "ufogen"
     Config = UFOGenConfig
