@@ -227,12 +227,16 @@ def test_accelerate_configs_are_valid_for_accelerate_launch():
 
 
 SEED_SCRIPT = '''
+import sys
+from pathlib import Path
+
 from accelerate import Accelerator
 from distill.preflight import run_seed
 
 seed, drawn = run_seed(None, None)
 accelerator = Accelerator()
-print(f"rank={accelerator.process_index} processes={accelerator.num_processes} seed={seed} drawn={drawn}", flush=True)
+report = f"rank={accelerator.process_index} processes={accelerator.num_processes} seed={seed} drawn={drawn}"
+Path(sys.argv[1], f"rank{accelerator.process_index}.txt").write_text(report)
 '''
 
 
@@ -242,11 +246,12 @@ def test_a_cpu_launch_without_seed_draws_one_seed_for_one_run_of_two_processes(t
     script = tmp_path / "seed.py"
     script.write_text(SEED_SCRIPT)
     argv = [ACCELERATE, "launch", "--config_file", CONFIGS / "multi_gpu.yaml", "--num_processes", "2",
-            "--mixed_precision", "no", "--main_process_port", str(free_ports(1)[0]), script]
+            "--mixed_precision", "no", "--main_process_port", str(free_ports(1)[0]), script, tmp_path]
     result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300, cwd=REPO,
                             env=subprocess_env(ACCELERATE_USE_CPU="true"))
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank="))
+    # Each rank writes its own report: two processes printing to one pipe can lose or merge lines.
+    lines = sorted(path.read_text() for path in tmp_path.glob("rank*.txt"))
     assert [line.split()[:2] for line in lines] == [["rank=0", "processes=2"], ["rank=1", "processes=2"]]
     seeds = {line.split()[2] for line in lines}
     assert len(seeds) == 1 and all(line.endswith("drawn=True") for line in lines)
