@@ -21,9 +21,8 @@ import torch
 from torch import nn
 
 from .denoiser import network_dtype, using_adapter
-from .transformer_features import (capture_transformer_bottleneck, feature_block_indices,
-                                   is_transformer, token_patch, transformer_encoder_modules, transformer_features,
-                                   width)
+from .transformer_features import (capture_transformer_bottleneck, feature_block_indices, is_transformer,
+                                   token_map, token_patch, transformer_encoder_modules, transformer_features, width)
 
 
 def unet_encoder_features(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
@@ -63,6 +62,38 @@ def network_features(net: nn.Module, sample: torch.Tensor, timestep: torch.Tenso
     if is_transformer(net):
         return transformer_features(net, sample, timestep, **network_kwargs)
     return unet_encoder_features(net, sample, timestep, **network_kwargs)
+
+
+def whole_network_features(net: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
+                           **network_kwargs) -> list[torch.Tensor]:
+    """One full forward of ``net``: the feature maps ``network_features`` returns, then its decoder's (a UNet's up-block
+    outputs; a transformer's final image tokens, before its output norm). UFOGen's discriminator, as DDGAN's and
+    SIDDM's, is the whole pre-trained denoiser (UFOGen sec. 4.1), whose last features are at the latent's resolution."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def keeper(index: int, read):
+        def keep(module, args, output=None):
+            captured[index] = read(args, output)
+        return keep
+
+    if is_transformer(net):
+        patch = token_patch(net)
+        grid = (sample.shape[-2] // patch, sample.shape[-1] // patch)
+        blocks = [net.transformer_blocks[i] for i in feature_block_indices(len(net.transformer_blocks))]
+        handles = [block.register_forward_hook(keeper(i, lambda args, out: token_map(out[1], *grid)))
+                   for i, block in enumerate(blocks)]
+        handles.append(net.norm_out.register_forward_pre_hook(
+            keeper(len(blocks), lambda args, out: token_map(args[0], *grid))))
+    else:
+        first = lambda args, out: out[0] if isinstance(out, tuple) else out  # noqa: E731 (down blocks add skips)
+        modules = [*net.down_blocks, *([net.mid_block] if net.mid_block is not None else []), *net.up_blocks]
+        handles = [module.register_forward_hook(keeper(i, first)) for i, module in enumerate(modules)]
+    try:
+        net(sample, timestep=timestep, **network_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [captured[i] for i in sorted(captured)]
 
 
 @contextlib.contextmanager
@@ -132,23 +163,28 @@ def _without_gradient_checkpointing(unet: nn.Module):
             module.gradient_checkpointing = True
 
 
-def teacher_features(denoiser, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
-    """Encoder features of the frozen teacher (the student's network with LoRA disabled) at training timestep ``t``,
-    differentiable w.r.t. ``x`` (PCM's adversarial loss and UFOGen's discriminator: both build D on the pre-trained
-    network's encoder)."""
+def teacher_features(denoiser, x: torch.Tensor, t: torch.Tensor, cond,
+                     whole_network: bool = False) -> list[torch.Tensor]:
+    """Encoder features (``whole_network``: those of a full forward) of the frozen teacher (the student's network with
+    LoRA disabled) at training timestep ``t``, differentiable w.r.t. ``x`` (PCM's adversarial loss and UFOGen's
+    discriminator: both build D on the pre-trained network)."""
+    read = whole_network_features if whole_network else network_features
     with denoiser.as_teacher() as teacher, _without_gradient_checkpointing(teacher.module):
         dtype = network_dtype(teacher.module)
-        return network_features(teacher.module, x.to(dtype), denoiser.schedule.network_timestep(t),
-                                **cond.to(x.device, dtype).unet_kwargs())
+        return read(teacher.module, x.to(dtype), denoiser.schedule.network_timestep(t),
+                    **cond.to(x.device, dtype).unet_kwargs())
 
 
-def feature_channels(unet_config) -> list[int]:
-    """Channels of the feature maps ``network_features`` returns, read from the network's config (or its dict)."""
+def feature_channels(unet_config, whole_network: bool = False) -> list[int]:
+    """Channels of the feature maps ``network_features`` (or, ``whole_network``, ``whole_network_features``)
+    returns, read from the network's config (or its dict)."""
     if "block_out_channels" not in unet_config:  # a transformer: one token width per feature block
-        return [width(unet_config)] * len(feature_block_indices(unet_config["num_layers"]))
+        return [width(unet_config)] * (len(feature_block_indices(unet_config["num_layers"])) + whole_network)
     channels = list(unet_config["block_out_channels"])
     if unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None:
         channels.append(channels[-1])
+    if whole_network:
+        channels += list(reversed(unet_config["block_out_channels"]))
     return channels
 
 
@@ -192,9 +228,10 @@ class DiscriminatorHeads(nn.Module):
         self.heads = nn.ModuleList(DiscriminatorHead(c, norm_num_groups) for c in channels)
 
     @classmethod
-    def from_unet_config(cls, unet_config) -> "DiscriminatorHeads":
-        """Heads matching the feature maps of a network (UNet or transformer) with this config."""
-        return cls(feature_channels(unet_config), unet_config.get("norm_num_groups") or 32)
+    def from_unet_config(cls, unet_config, whole_network: bool = False) -> "DiscriminatorHeads":
+        """Heads matching the feature maps of a network (UNet or transformer) with this config: its encoder's, or
+        (``whole_network``) those of its full forward."""
+        return cls(feature_channels(unet_config, whole_network), unet_config.get("norm_num_groups") or 32)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """One logit map per feature level."""
@@ -255,13 +292,16 @@ class BottleneckClassifier(nn.Module):
         return frozen_call(self, feature)
 
 
-def adapter_encoder_features(view, x: torch.Tensor, timestep: torch.Tensor, cond) -> list[torch.Tensor]:
-    """Encoder features of an ``AdapterView``'s network with only its adapter on (the encoder half only), at the
-    network's own ``timestep`` (``NoiseSchedule.network_timestep``)."""
+def adapter_encoder_features(view, x: torch.Tensor, timestep: torch.Tensor, cond,
+                             whole_network: bool = False) -> list[torch.Tensor]:
+    """Encoder features of an ``AdapterView``'s network with only its adapter on (the encoder half only; or, with
+    ``whole_network``, every level of a full forward), at the network's own ``timestep``
+    (``NoiseSchedule.network_timestep``)."""
     unet = view.unet
+    read = whole_network_features if whole_network else network_features
     with using_adapter(unet, view.adapter), _without_gradient_checkpointing(unet):
         dtype = network_dtype(unet)
-        return network_features(unet, x.to(dtype), timestep, **cond.to(x.device, dtype).unet_kwargs())
+        return read(unet, x.to(dtype), timestep, **cond.to(x.device, dtype).unet_kwargs())
 
 
 def adapter_bottleneck(view, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
@@ -285,18 +325,19 @@ def encoder_modules(unet: nn.Module, targets: list[str]) -> list[str]:
 
 class TrainedEncoderDiscriminator(nn.Module):
     """A diffusion-GAN discriminator initialised from the pre-trained network and trained (UFOGen sec. 4.1, as DDGAN /
-    SIDDM): the network's encoder half with a LoRA adapter of its own (zero-initialised: it starts as the teacher's
-    encoder) and one head per feature level. One network stays in memory: the backbone is an ``AdapterView`` of the
-    student's."""
+    SIDDM): the network's encoder half (or, ``whole_network``, all of it) with a LoRA adapter of its own
+    (zero-initialised: it starts as the teacher) and one head per feature level. One network stays in memory: the
+    backbone is an ``AdapterView`` of the student's."""
 
-    def __init__(self, backbone, heads: DiscriminatorHeads):
+    def __init__(self, backbone, heads: DiscriminatorHeads, whole_network: bool = False):
         super().__init__()
         self.backbone = backbone
         self.heads = heads
+        self.whole_network = whole_network
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> list[torch.Tensor]:
-        """One logit map per encoder feature level of ``x`` at the network's own ``timestep``."""
-        return self.heads(adapter_encoder_features(self.backbone, x, timestep, cond))
+        """One logit map per feature level of ``x`` at the network's own ``timestep``."""
+        return self.heads(adapter_encoder_features(self.backbone, x, timestep, cond, self.whole_network))
 
     def frozen(self, x: torch.Tensor, timestep: torch.Tensor, cond) -> list[torch.Tensor]:
         """The same logits, differentiable w.r.t. ``x`` only: the generator's loss reaches only the generator."""

@@ -42,7 +42,7 @@ def build_optimizers(groups: dict, method, cfg, total_batch: int, max_steps: int
     for name, params in groups.items():
         base_lr = cfg.learning_rates.get(name, method.learning_rate_for(name, cfg.learning_rate))
         lr = base_lr * (total_batch if cfg.scale_lr else 1)
-        optimizers[name] = adamw(params, cfg.use_8bit_adam, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        optimizers[name] = adamw(params, cfg.use_8bit_adam, lr=lr, betas=method.adam_betas_for(name, (cfg.adam_beta1, cfg.adam_beta2)),
                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
         schedulers[name] = get_scheduler(cfg.lr_scheduler, optimizer=optimizers[name],

@@ -295,19 +295,26 @@ def test_a_network_subclassed_by_sharding_is_read_as_its_class():
     torch.testing.assert_close(network_features(net, x, timestep, **kwargs), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_ufogens_trained_discriminator_uses_every_weight_of_its_adapter(request, family):
+@pytest.mark.parametrize("family,reads", [("sd3", "encoder"), ("flux", "encoder"), ("sd3", "network"),
+                                          ("flux", "network")])
+def test_ufogens_trained_discriminator_uses_every_weight_of_its_adapter(request, family, reads):
     """UFOGen's discriminator adapter sits on the joint blocks the features read, minus the last block's text-stream
-    outputs that reach no feature: the discriminator's loss gives every one of its weights a gradient (as DDP
-    requires) and none to the generator; the generator's adversarial loss reaches the generator only."""
+    outputs that reach no feature (or, --discriminator_reads network, on every module the student adapts): the
+    discriminator's loss gives every one of its weights a gradient (as DDP requires) and none to the generator; the
+    generator's adversarial loss reaches the generator only."""
     from distill.methods import LatentBatch
 
     cls = METHODS["ufogen"]
-    method, loaded = method_on_teacher(cls, cls.Config(lora_rank=4, reconstruction_weight=0.0),
+    method, loaded = method_on_teacher(cls, cls.Config(lora_rank=4, reconstruction_weight=0.0,
+                                                       discriminator_reads=reads),
                                        request.getfixturevalue(f"{family}_teacher"), 32)
     adapted = [n for n, _ in method.nets["discriminator"].named_parameters() if "lora" in n]
-    assert adapted and not any("to_add_out" in n or "ff_context" in n for n in adapted
-                               if n.startswith("backbone.transformer_blocks.0."))  # block 0 is the last one read
+    student = [n for n, _ in method.nets["unet"].named_parameters() if "lora" in n]
+    if reads == "encoder":
+        assert adapted and not any("to_add_out" in n or "ff_context" in n for n in adapted
+                                   if n.startswith("backbone.transformer_blocks.0."))  # block 0 is the last one read
+    else:
+        assert len(adapted) == len(student)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, *loaded.latent_shape, generator=generator)
     cond = loaded.conditioner.encode(["a photo of three", "a photo of seven"])

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from conftest import subprocess_env
 from distill.conditioning import TextConditioner
 
-from distill.discriminator import unet_encoder_features
+from distill.discriminator import feature_channels, unet_encoder_features, whole_network_features
 from distill.errors import DistillError
 from distill.export import student_pipeline, student_scheduler
 from distill.methods import LatentBatch, UFOGen, UFOGenConfig
@@ -130,13 +130,16 @@ def test_loss_recomputed_by_hand(teacher, backbone, loss_kind):
     torch.testing.assert_close(losses["unet"].detach(), 0.5 * g_adv + 2.0 * reconstruction, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("previous_sample,backbone,loss_kind", [
-    ("marginal", "frozen", "hinge"), ("posterior", "frozen", "hinge"), ("marginal", "lora", "logistic")])
-def test_each_loss_reaches_only_its_own_parameters(sd_teacher, previous_sample, backbone, loss_kind):
+@pytest.mark.parametrize("previous_sample,backbone,loss_kind,reads", [
+    ("marginal", "frozen", "hinge", "encoder"), ("posterior", "frozen", "hinge", "encoder"),
+    ("marginal", "lora", "logistic", "encoder"), ("marginal", "lora", "logistic", "network")])
+def test_each_loss_reaches_only_its_own_parameters(sd_teacher, previous_sample, backbone, loss_kind, reads):
     """The trainer's order with real backward passes: generator loss first, then the discriminator's; with a frozen
-    teacher encoder under the heads, or an encoder trained through a LoRA adapter of its own on the same UNet."""
+    teacher encoder under the heads, or an encoder (or the whole network) trained through a LoRA adapter of its own on
+    the same UNet."""
     method, conditioner = make_method(sd_teacher, previous_sample=previous_sample, reconstruction_weight=0.0,
-                                      discriminator_backbone=backbone, adversarial_loss=loss_kind)
+                                      discriminator_backbone=backbone, adversarial_loss=loss_kind,
+                                      discriminator_reads=reads)
     move_off_teacher(method)
     groups = method.trainable()
     assert list(groups) == ["unet", "discriminator"]
@@ -149,9 +152,12 @@ def test_each_loss_reaches_only_its_own_parameters(sd_teacher, previous_sample, 
     backbone_weights = [n for n, p in method.nets["discriminator"].named_parameters() if "lora" in n]
     if backbone == "frozen":
         assert backbone_weights == []
-    else:  # the discriminator's adapter covers the encoder (down and mid blocks) only: every weight is used
+    elif reads == "encoder":  # the discriminator's adapter covers the encoder (down and mid blocks) only
         assert 0 < len(backbone_weights) < len(lora)
         assert all(n.startswith(("backbone.down_blocks.", "backbone.mid_block.")) for n in backbone_weights)
+    else:  # the whole network: the adapter covers every module the student's does
+        assert len(backbone_weights) == len(lora)
+        assert any(n.startswith("backbone.up_blocks.") for n in backbone_weights)
     losses = method.loss(make_batch(conditioner), 0)
 
     # The adversarial term alone (no reconstruction) reaches the LoRA through the discriminator's encoder ...
@@ -166,9 +172,44 @@ def test_each_loss_reaches_only_its_own_parameters(sd_teacher, previous_sample, 
     assert all(p.grad is None for p in lora) and all(p.grad is None for p in teacher_weights)
     assert all(p.grad is not None for p in discriminator)
     assert sum(p.grad.abs().sum().item() for p in discriminator) > 0
-    if backbone == "lora":  # the encoder itself learns (its B matrices start at zero; their gradient does not)
-        assert sum(p.grad.abs().sum().item() for n, p in method.nets["discriminator"].named_parameters()
-                   if "lora_B" in n) > 0
+    if backbone == "lora":  # the backbone itself learns (its B matrices start at zero; their gradient does not)
+        assert all(p.grad.abs().sum().item() > 0 for n, p in method.nets["discriminator"].named_parameters()
+                   if "lora_B" in n)
+
+
+def test_the_whole_network_features_end_in_what_the_unet_outputs(sd_teacher):
+    """--discriminator_reads network: one full forward gives the encoder's feature maps (equal to the encoder-only
+    pass) and the up blocks' outputs, the last of which the UNet's output layers turn into its own prediction."""
+    method, conditioner = make_method(sd_teacher)
+    unet = getattr(method.nets["unet"], "unet", method.nets["unet"])
+    batch = make_batch(conditioner)
+    x, t, kwargs = batch.latents, torch.tensor([999, 300]), batch.cond.unet_kwargs()
+    with torch.no_grad():
+        unet.disable_adapters()
+        encoder = unet_encoder_features(unet, x, t, **kwargs)
+        features = whole_network_features(unet, x, t, **kwargs)
+        output = unet(x, t, **kwargs).sample
+        unet.enable_adapters()
+    channels = feature_channels(unet.config, whole_network=True)
+    assert len(features) == len(encoder) + len(unet.up_blocks) == len(channels)
+    assert [f.shape[1] for f in features] == channels and features[-1].shape[-2:] == x.shape[-2:]
+    torch.testing.assert_close(features[:len(encoder)], encoder, rtol=0, atol=0)
+    last = unet.conv_out(unet.conv_act(unet.conv_norm_out(features[-1])))
+    torch.testing.assert_close(last, output, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("beta1", [None, 0.0])
+def test_the_discriminator_gets_its_own_adam_beta1(sd_teacher, beta1):
+    """--discriminator_adam_beta1 sets the discriminator's AdamW beta1 alone (the reference code's Adam(0, 0.999));
+    unset, both optimizers take --adam_beta1."""
+    from distill.optimizers import build_optimizers
+    from distill.train_config import TrainConfig
+
+    method, _ = make_method(sd_teacher, discriminator_adam_beta1=beta1)
+    cfg = TrainConfig(adam_beta1=0.8, adam_beta2=0.99)
+    optimizers, _ = build_optimizers(method.trainable(), method, cfg, total_batch=1, max_steps=2, num_processes=1)
+    assert optimizers["unet"].param_groups[0]["betas"] == (0.8, 0.99)
+    assert optimizers["discriminator"].param_groups[0]["betas"] == (0.8 if beta1 is None else beta1, 0.99)
 
 
 def test_training_moves_the_student_and_the_heads_but_not_the_teacher(sd_teacher):
@@ -259,6 +300,20 @@ def test_timesteps_are_one_large_step_apart(sd_teacher):
     assert method.chain_timesteps(2).tolist() == [999, 499] and method.chain_timesteps(1).tolist() == [999]
 
 
+def test_chain_timesteps_train_each_step_the_sampler_takes(sd_teacher):
+    """--timestep_sampling chain: t is one of the K points the exported sampler visits, each about equally often, and
+    t-1 is the next point of that chain (the last one's is 0, the clean sample)."""
+    method, _ = make_method(sd_teacher, timestep_sampling="chain")
+    torch.manual_seed(0)
+    t, t_prev = method.sample_timesteps(4000, "cpu")
+    chain = method.chain_timesteps(4).tolist()
+    assert chain == [999, 749, 499, 249]
+    counts = {point: int((t == point).sum()) for point in chain}
+    assert sum(counts.values()) == 4000 and all(900 < count < 1100 for count in counts.values())
+    following = dict(zip(chain, chain[1:] + [0]))
+    assert all(following[int(a)] == int(b) for a, b in zip(t, t_prev))
+
+
 def test_exported_scheduler_samples_the_training_generator(teacher):
     """The stock pipeline with the exported scheduler returns exactly UFOGen's sample from the same noise: at one step
     the generator's x0' = G(x_T, T), with 2 and 4 steps the chain that re-noises x0' to the next t with fresh noise."""
@@ -300,6 +355,12 @@ def test_bad_method_config():
         UFOGenConfig(adversarial_loss="wasserstein")
     with pytest.raises(DistillError, match="--discriminator_backbone"):
         UFOGenConfig(discriminator_backbone="full")
+    with pytest.raises(DistillError, match="--discriminator_adam_beta1"):
+        UFOGenConfig(discriminator_adam_beta1=1.0)
+    with pytest.raises(DistillError, match="--timestep_sampling"):
+        UFOGenConfig(timestep_sampling="logit_normal")
+    with pytest.raises(DistillError, match="--discriminator_reads"):
+        UFOGenConfig(discriminator_reads="decoder")
     with pytest.raises(DistillError, match="--ema_decay"):
         UFOGenConfig(ema_decay=1.0)
 

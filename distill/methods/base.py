@@ -120,6 +120,10 @@ class Method(abc.ABC):
         """Default learning rate of optimizer ``name`` (--learning_rates overrides it; e.g. a fake score's own lr)."""
         return base_learning_rate
 
+    def adam_betas_for(self, name: str, betas: tuple[float, float]) -> tuple[float, float]:
+        """AdamW betas of optimizer ``name`` (default: --adam_beta1, --adam_beta2; e.g. a GAN discriminator's own)."""
+        return betas
+
     def on_step_end(self, step: int) -> None:
         """Called after every optimizer update (updates the EMA, when one is kept)."""
         if self.ema is not None:

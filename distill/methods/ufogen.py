@@ -32,7 +32,9 @@ from .base import LatentBatch, Method, SamplingSpec, Teacher
 
 DISCRIMINATOR = "discriminator"
 PREVIOUS_SAMPLES = ("marginal", "posterior")
+TIMESTEP_SAMPLINGS = ("uniform", "chain")
 DISCRIMINATOR_BACKBONES = ("frozen", "lora")
+DISCRIMINATOR_READS = ("encoder", "network")
 
 
 @dataclass
@@ -41,6 +43,9 @@ class UFOGenConfig(EMASettings, LoRASettings):
 
     num_denoising_steps: int = field(default=4, metadata={
         "help": "K: training pairs are T / K timesteps apart; the exported sampler (1 step by default) takes up to K."})
+    timestep_sampling: str = field(default="uniform", metadata={
+        "help": "How the generator's t is drawn: uniform, t ~ U{1, ..., T-1} (UFOGen; the reference code), or chain, "
+                "only the K points t_k = k T/K - 1 its sampler visits (t = T-1 is the one-step sample's)."})
     previous_sample: str = field(default="marginal", metadata={
         "help": "How x_{t-1} is drawn from x0: marginal, q(x_{t-1} | x0) (UFOGen), or posterior, q(x_{t-1} | x_t, x0) "
                 "(DDGAN/SIDDM)."})
@@ -51,8 +56,14 @@ class UFOGenConfig(EMASettings, LoRASettings):
     discriminator_backbone: str = field(default="lora", metadata={
         "help": "frozen: heads on the frozen teacher's encoder features; lora: the encoder is trained too, through a "
                 "LoRA adapter of its own on the same UNet (initialised as the teacher, as UFOGen's discriminator)."})
+    discriminator_reads: str = field(default="encoder", metadata={
+        "help": "Which features of the pre-trained network the discriminator's heads read: encoder (down and mid "
+                "blocks; a transformer's first half) or network (a full forward: also the up blocks, at the latent's "
+                "resolution; a transformer's final tokens), as UFOGen's discriminator is the whole network."})
     discriminator_lora_rank: int | None = field(default=None, metadata={
         "help": "LoRA rank of the discriminator's encoder (--discriminator_backbone lora; default: --lora_rank)."})
+    discriminator_adam_beta1: float | None = field(default=None, metadata={
+        "help": "AdamW beta1 of the discriminator (default: --adam_beta1; the reference code uses 0 for it)."})
     reconstruction_weight: float = field(default=1.0, metadata={
         "help": "Weight lambda of the reconstruction term gamma_t ||x0' - x0||^2."})
 
@@ -61,6 +72,9 @@ class UFOGenConfig(EMASettings, LoRASettings):
         if self.num_denoising_steps < 1:
             raise DistillError(f"--num_denoising_steps must be at least 1 (the reference uses 4), got "
                                f"{self.num_denoising_steps}.")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise DistillError(f"--timestep_sampling must be uniform (UFOGen) or chain, got "
+                               f"{self.timestep_sampling!r}.")
         if self.previous_sample not in PREVIOUS_SAMPLES:
             raise DistillError(f"--previous_sample must be marginal (UFOGen) or posterior (DDGAN/SIDDM), got "
                                f"{self.previous_sample!r}.")
@@ -69,8 +83,12 @@ class UFOGenConfig(EMASettings, LoRASettings):
                                f"{self.adversarial_loss!r}.")
         if self.discriminator_backbone not in DISCRIMINATOR_BACKBONES:
             raise DistillError(f"--discriminator_backbone must be frozen or lora, got {self.discriminator_backbone!r}.")
+        if self.discriminator_reads not in DISCRIMINATOR_READS:
+            raise DistillError(f"--discriminator_reads must be encoder or network, got {self.discriminator_reads!r}.")
         if self.discriminator_lora_rank is not None and self.discriminator_lora_rank < 1:
             raise DistillError(f"--discriminator_lora_rank must be positive, got {self.discriminator_lora_rank}.")
+        if self.discriminator_adam_beta1 is not None and not 0 <= self.discriminator_adam_beta1 < 1:
+            raise DistillError(f"--discriminator_adam_beta1 must be in [0, 1), got {self.discriminator_adam_beta1}.")
         if self.adversarial_weight < 0 or self.reconstruction_weight < 0:
             raise DistillError(f"--adversarial_weight and --reconstruction_weight must be >= 0, got "
                                f"{self.adversarial_weight} and {self.reconstruction_weight}.")
@@ -95,14 +113,17 @@ class UFOGen(Method):
         num_train_timesteps = teacher.schedule.num_train_timesteps
         config.check_against_teacher(num_train_timesteps)
         self.gap = num_train_timesteps // config.num_denoising_steps
-        heads = DiscriminatorHeads.from_unet_config(teacher.unet.config).to(teacher.unet.device)
+        self.whole_network = config.discriminator_reads == "network"
+        heads = DiscriminatorHeads.from_unet_config(teacher.unet.config, self.whole_network).to(teacher.unet.device)
         if config.discriminator_backbone == "lora":
             rank = config.discriminator_lora_rank or config.lora_rank
+            targets = config.targets(teacher.lora_targets)
             student, self.lora_params, backbone = student_and_fake_score(
                 teacher.unet, config, teacher.lora_targets, False, rank, rank * config.lora_alpha / config.lora_rank,
-                adapter=DISCRIMINATOR, fake_targets=encoder_modules(teacher.unet, config.targets(teacher.lora_targets)))
+                adapter=DISCRIMINATOR, fake_targets=targets if self.whole_network else encoder_modules(teacher.unet,
+                                                                                                     targets))
             self.nets["unet"] = student
-            self.nets[DISCRIMINATOR] = TrainedEncoderDiscriminator(backbone, heads)
+            self.nets[DISCRIMINATOR] = TrainedEncoderDiscriminator(backbone, heads, self.whole_network)
         else:
             self.lora_params = config.attach_lora(teacher.unet, teacher.lora_targets)
             self.nets["unet"] = teacher.unet
@@ -112,9 +133,20 @@ class UFOGen(Method):
     def trainable(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"unet": self.lora_params, DISCRIMINATOR: list(self.nets[DISCRIMINATOR].parameters())}
 
+    def adam_betas_for(self, name: str, betas: tuple[float, float]) -> tuple[float, float]:
+        """--discriminator_adam_beta1 for the discriminator (SIDDM/UFOGen reference code: Adam betas (0, 0.999))."""
+        if name == DISCRIMINATOR and self.config.discriminator_adam_beta1 is not None:
+            return self.config.discriminator_adam_beta1, betas[1]
+        return betas
+
     def sample_timesteps(self, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """t ~ U{1, ..., T-1} and t-1 := max(t - T/K, 0), a large denoising step (UFOGen sec. 4; reference code)."""
-        t = torch.randint(1, self.teacher.schedule.num_train_timesteps, (batch_size,))
+        """t ~ U{1, ..., T-1} (UFOGen sec. 4; reference code), or t uniform on the sampler's K-point chain, and
+        t-1 := max(t - T/K, 0), a large denoising step (the chain's next point)."""
+        if self.config.timestep_sampling == "chain":
+            chain = self.chain_timesteps(self.config.num_denoising_steps)
+            t = chain[torch.randint(0, len(chain), (batch_size,))]
+        else:
+            t = torch.randint(1, self.teacher.schedule.num_train_timesteps, (batch_size,))
         return t.to(device), (t - self.gap).clamp(min=0).to(device)
 
     def generate(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -171,9 +203,9 @@ class UFOGen(Method):
         generator through x'_{t-1} with D frozen; D's reaches D only, on real and detached fake."""
         kind, discriminator = self.config.adversarial_loss, self.nets[DISCRIMINATOR]
         if self.config.discriminator_backbone == "frozen":  # encoder features shared by both losses
-            fake_features = teacher_features(self.denoiser(), fake, t_prev, cond)
+            fake_features = teacher_features(self.denoiser(), fake, t_prev, cond, self.whole_network)
             with torch.no_grad():
-                real_features = teacher_features(self.denoiser(), real, t_prev, cond)
+                real_features = teacher_features(self.denoiser(), real, t_prev, cond, self.whole_network)
             return adversarial_losses(discriminator, real_features, fake_features, kind)
         timestep = self.teacher.schedule.network_timestep(t_prev)
         generator_logits = getattr(discriminator, "module", discriminator).frozen(fake, timestep, cond)
