@@ -96,6 +96,11 @@ def gan_losses(kind: str, generator_logits: list[torch.Tensor], real_logits: lis
     return generator_loss(generator_logits), discriminator_loss(real_logits, fake_logits)
 
 
+def generator_gan_loss(kind: str, generator_logits: list[torch.Tensor]) -> torch.Tensor:
+    """The generator's loss of ``kind`` alone, from the logits of its fakes (on steps the discriminator skips)."""
+    return ADVERSARIAL_LOSSES[kind][0](generator_logits)
+
+
 def split_real_fake(logits: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-level logits of one discriminator pass over cat([real, fake]), split into (real, fake) lists."""
     real, fake = zip(*(level.chunk(2) for level in logits))

@@ -212,6 +212,31 @@ def test_the_discriminator_gets_its_own_adam_beta1(sd_teacher, beta1):
     assert optimizers["discriminator"].param_groups[0]["betas"] == (0.8 if beta1 is None else beta1, 0.99)
 
 
+@pytest.mark.parametrize("backbone", ["lora", "frozen"])
+def test_the_discriminator_trains_on_every_nth_step_only(sd_teacher, backbone):
+    """--discriminator_update_interval 2 (the reference code's cadence): on even steps both losses, with D run on real
+    and fake; on odd steps the generator's loss alone, equal to the even step's generator loss on the same draw, and
+    D run once (the generator's frozen read of the fake)."""
+    method, conditioner = make_method(sd_teacher, discriminator_update_interval=2, discriminator_backbone=backbone,
+                                      adversarial_loss="logistic")
+    move_off_teacher(method)
+    batch = make_batch(conditioner)
+    calls = []
+    method.nets["discriminator"].register_forward_hook(lambda module, args, output: calls.append(args[0]))
+
+    def losses_at(step):
+        calls.clear()
+        torch.manual_seed(7)
+        return method.loss(batch, step), [len(x) if torch.is_tensor(x) else len(x[0]) for x in calls]
+
+    trained, trained_calls = losses_at(0)
+    skipped, skipped_calls = losses_at(1)
+    assert set(trained) == {"unet", "discriminator"} and set(skipped) == {"unet"}
+    assert trained_calls == [2, 4] and skipped_calls == [2]  # the fake batch, then real + fake; the fake only
+    torch.testing.assert_close(skipped["unet"], trained["unet"])
+    assert set(losses_at(2)[0]) == {"unet", "discriminator"}
+
+
 def test_training_moves_the_student_and_the_heads_but_not_the_teacher(sd_teacher):
     method, conditioner = make_method(sd_teacher)
     batch = make_batch(conditioner)
@@ -359,6 +384,8 @@ def test_bad_method_config():
         UFOGenConfig(discriminator_adam_beta1=1.0)
     with pytest.raises(DistillError, match="--timestep_sampling"):
         UFOGenConfig(timestep_sampling="logit_normal")
+    with pytest.raises(DistillError, match="--discriminator_update_interval"):
+        UFOGenConfig(discriminator_update_interval=0)
     with pytest.raises(DistillError, match="--discriminator_reads"):
         UFOGenConfig(discriminator_reads="decoder")
     with pytest.raises(DistillError, match="--ema_decay"):

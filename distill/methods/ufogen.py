@@ -23,7 +23,7 @@ from ..discriminator import DiscriminatorHeads, TrainedEncoderDiscriminator, enc
 from ..ema import EMASettings
 from ..errors import DistillError
 from ..lora import LoRASettings
-from ..losses import ADVERSARIAL_LOSSES, adversarial_losses, gan_losses, split_real_fake
+from ..losses import ADVERSARIAL_LOSSES, adversarial_losses, gan_losses, generator_gan_loss, split_real_fake
 from ..renoising import chain_timesteps, renoising_sample, x0_chain_scheduler_config
 from ..schedule import posterior_mean_variance, transition_variance
 from ..score_distillation import student_and_fake_score
@@ -64,6 +64,9 @@ class UFOGenConfig(EMASettings, LoRASettings):
         "help": "LoRA rank of the discriminator's encoder (--discriminator_backbone lora; default: --lora_rank)."})
     discriminator_adam_beta1: float | None = field(default=None, metadata={
         "help": "AdamW beta1 of the discriminator (default: --adam_beta1; the reference code uses 0 for it)."})
+    discriminator_update_interval: int = field(default=1, metadata={
+        "help": "The discriminator trains on every N-th optimizer step, from step 0 (the generator on every step); "
+                "the reference code uses 2."})
     reconstruction_weight: float = field(default=1.0, metadata={
         "help": "Weight lambda of the reconstruction term gamma_t ||x0' - x0||^2."})
 
@@ -89,6 +92,9 @@ class UFOGenConfig(EMASettings, LoRASettings):
             raise DistillError(f"--discriminator_lora_rank must be positive, got {self.discriminator_lora_rank}.")
         if self.discriminator_adam_beta1 is not None and not 0 <= self.discriminator_adam_beta1 < 1:
             raise DistillError(f"--discriminator_adam_beta1 must be in [0, 1), got {self.discriminator_adam_beta1}.")
+        if self.discriminator_update_interval < 1:
+            raise DistillError(f"--discriminator_update_interval must be at least 1 (the reference uses 2), got "
+                               f"{self.discriminator_update_interval}.")
         if self.adversarial_weight < 0 or self.reconstruction_weight < 0:
             raise DistillError(f"--adversarial_weight and --reconstruction_weight must be >= 0, got "
                                f"{self.adversarial_weight} and {self.reconstruction_weight}.")
@@ -188,27 +194,42 @@ class UFOGen(Method):
         # 4. Real x_{t-1} from x0 and fake x'_{t-1} from x0', with independent noise.
         real = self.previous_sample(x0, x_t, t, t_prev, torch.randn_like(x0))
         fake = self.previous_sample(x0_fake, x_t, t, t_prev, torch.randn_like(x0))
-        # 5-6. The discriminator at t-1: its GAN loss on real and detached fake, the generator's through the fake.
-        adversarial, discriminator = self.adversarial_losses(real, fake, t_prev, batch.cond)
+        # 5-6. The discriminator at t-1: the generator's GAN loss through the fake; on the discriminator's steps also
+        #      the discriminator's own, on real and detached fake.
+        train_discriminator = self.discriminator_steps(step)
+        adversarial, discriminator = self.adversarial_losses(real, fake, t_prev, batch.cond, train_discriminator)
         # 7. Reconstruction gamma_t ||x0' - x0||^2, SIDDM's KL term between q(x_t | x'_{t-1}) and q(x_t | x_{t-1}).
         gamma = self.reconstruction_weight(t, t_prev, x0)
         reconstruction = (gamma * (x0_fake - x0).pow(2)).mean()
         # 8. Generator: lambda_adv * adversarial + lambda_rec * reconstruction; the discriminator trains on its own.
         generator = self.config.adversarial_weight * adversarial + self.config.reconstruction_weight * reconstruction
+        if not train_discriminator:
+            return {"unet": generator}
         return {"unet": generator, DISCRIMINATOR: discriminator}
 
-    def adversarial_losses(self, real: torch.Tensor, fake: torch.Tensor, t_prev: torch.Tensor,
-                           cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
+    def discriminator_steps(self, step: int) -> bool:
+        """Whether optimizer step ``step`` updates the discriminator: every N-th, from step 0 (the reference code
+        updates it on even steps only)."""
+        return step % self.config.discriminator_update_interval == 0
+
+    def adversarial_losses(self, real: torch.Tensor, fake: torch.Tensor, t_prev: torch.Tensor, cond: Cond,
+                           train_discriminator: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(generator, discriminator) GAN losses at t-1 (UFOGen sec. 4.1, eq. 4): the generator's reaches the
-        generator through x'_{t-1} with D frozen; D's reaches D only, on real and detached fake."""
+        generator through x'_{t-1} with D frozen; D's reaches D only, on real and detached fake (None, and D not run
+        on them, when ``train_discriminator`` is False)."""
         kind, discriminator = self.config.adversarial_loss, self.nets[DISCRIMINATOR]
+        bare = getattr(discriminator, "module", discriminator)
         if self.config.discriminator_backbone == "frozen":  # encoder features shared by both losses
             fake_features = teacher_features(self.denoiser(), fake, t_prev, cond, self.whole_network)
+            if not train_discriminator:
+                return generator_gan_loss(kind, bare.frozen(fake_features)), None
             with torch.no_grad():
                 real_features = teacher_features(self.denoiser(), real, t_prev, cond, self.whole_network)
             return adversarial_losses(discriminator, real_features, fake_features, kind)
         timestep = self.teacher.schedule.network_timestep(t_prev)
-        generator_logits = getattr(discriminator, "module", discriminator).frozen(fake, timestep, cond)
+        generator_logits = bare.frozen(fake, timestep, cond)
+        if not train_discriminator:
+            return generator_gan_loss(kind, generator_logits), None
         both = discriminator(torch.cat([real, fake.detach()]), torch.cat([timestep, timestep]), Cond.cat([cond, cond]))
         return gan_losses(kind, generator_logits, *split_real_fake(both))
 
