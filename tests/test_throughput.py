@@ -37,6 +37,15 @@ def eager(sd_teacher, image_folder, tmp_path_factory) -> tuple[Trainer, list[flo
     return trainer, losses
 
 
+def assert_same_losses(actual: list[float], expected: list[float]) -> None:
+    """The first step's loss up to float noise (rtol 1e-4); later steps read weights after an Adam step, which turns
+    float noise in near-zero gradients into whole learning-rate steps (here 1e-2), so they get rtol 1e-3 (a run on a
+    busy machine measured 1.7e-4 on the second step of two runs that differ only in memory layout)."""
+    assert len(actual) == len(expected)
+    torch.testing.assert_close(actual[:1], expected[:1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(actual[1:], expected[1:], rtol=1e-3, atol=1e-6)
+
+
 def conv_weights(network: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in network.named_parameters() if p.dim() == 4}
 
@@ -58,7 +67,7 @@ def test_frozen_conv_weights_are_channels_last_and_train_the_same_student(eager,
     contiguous = lcm_run(sd_teacher, image_folder, tmp_path / "nchw", channels_last=False)
     contiguous.run()
     assert all(p.is_contiguous() for p in conv_weights(contiguous.teacher.network).values())
-    torch.testing.assert_close(logged_losses(tmp_path / "nchw"), losses, rtol=1e-4, atol=1e-6)
+    assert_same_losses(logged_losses(tmp_path / "nchw"), losses)
 
 
 def test_torch_compile_trains_the_same_student_as_eager(eager, sd_teacher, image_folder, tmp_path):
@@ -71,7 +80,7 @@ def test_torch_compile_trains_the_same_student_as_eager(eager, sd_teacher, image
     blocks = [m for m in compiled.teacher.network.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert blocks and all(block._compiled_call_impl is not None for block in blocks)
     assert not any(getattr(m, "_compiled_call_impl", None) for m in eager.teacher.network.modules())
-    torch.testing.assert_close(logged_losses(tmp_path / "compiled"), losses, rtol=1e-4, atol=1e-6)
+    assert_same_losses(logged_losses(tmp_path / "compiled"), losses)
 
 
 def test_the_fused_adamw_steps_like_torchs_reference_loop():
