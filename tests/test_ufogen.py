@@ -292,6 +292,29 @@ def test_ema_of_the_generator_is_what_is_exported(sd_teacher):
     assert method.checkpoint_objects() == [method.ema.average]
 
 
+def test_ema_without_warm_up_averages_at_the_set_decay_from_the_second_update(sd_teacher):
+    """--no_ema_warmup (the UFOGen reference's EMA): the first update copies the weights, every later one averages at
+    exactly --ema_decay, theta_ema <- d theta_ema + (1 - d) theta; with the warm-up, update n averages at
+    min(d, n / (9 + n)) (diffusers' EMAModel)."""
+    for warmup in (False, True):
+        method, conditioner = make_method(sd_teacher, use_ema=True, ema_decay=0.9, ema_warmup=warmup)
+        batch = make_batch(conditioner)
+        optimizers = {name: torch.optim.AdamW(params, lr=1e-2) for name, params in method.trainable().items()}
+        expected = None
+        for step in range(3):
+            for name, loss in method.loss(batch, step).items():
+                loss.backward()
+                optimizers[name].step()
+                optimizers[name].zero_grad(set_to_none=True)
+            live = [p.detach().clone() for p in method.lora_params]
+            decay = 0.0 if step == 0 else min(0.9, (1 + step) / (10 + step)) if warmup else 0.9
+            expected = live if expected is None else [decay * e + (1 - decay) * w for e, w in zip(expected, live)]
+            method.on_step_end(step)
+            for shadow, want in zip(method.ema.average.shadow_params, expected):
+                torch.testing.assert_close(shadow, want, rtol=0, atol=1e-6)
+        assert method.ema.average.cur_decay_value == pytest.approx(3 / 12 if warmup else 0.9)
+
+
 # ------------------------------------------------------------------------------------------ the math against oracles
 
 

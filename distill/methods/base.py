@@ -88,7 +88,7 @@ class Method(abc.ABC):
     def keep_ema(self, params: list[torch.nn.Parameter]) -> None:
         """With --use_ema (``EMASettings``), average the student's ``params`` and validate and export the average."""
         if getattr(self.config, "use_ema", False):
-            self.ema = StudentEMA(params, self.config.ema_decay)
+            self.ema = StudentEMA(params, self.config.ema_decay, self.config.ema_warmup)
 
     @abc.abstractmethod
     def trainable(self) -> dict[str, list[torch.nn.Parameter]]:
