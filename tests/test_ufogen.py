@@ -362,6 +362,36 @@ def test_chain_timesteps_train_each_step_the_sampler_takes(sd_teacher):
     assert all(following[int(a)] == int(b) for a, b in zip(t, t_prev))
 
 
+def test_noise_input_rows_read_pure_noise_at_the_one_step_samplers_timestep(sd_teacher):
+    """--noise_input_fraction 0.25: a quarter of the rows sit at t = T-1 (the one-step sampler's) with t-1 = T-1 - T/K
+    and read x_T = eps, so they do not depend on x0; every other row is x_t ~ q(x_t | x0), which at t = T-1 still
+    carries sqrt(abar_{T-1}) x0. Fraction 0 draws exactly the inputs and timesteps UFOGen draws."""
+    x0 = torch.randn(8, 4, 8, 8)
+    inputs = {}
+    for fraction in (0.0, 0.25):
+        method, _ = make_method(sd_teacher, noise_input_fraction=fraction)
+        for scale in (1.0, 2.0):
+            torch.manual_seed(0)
+            inputs[fraction, scale] = method.generator_inputs(x0 * scale)
+    x_t, t, t_prev = inputs[0.25, 1.0]
+    assert t[:2].tolist() == [999, 999] and t_prev[:2].tolist() == [749, 749]
+    torch.testing.assert_close(x_t[:2], inputs[0.25, 2.0][0][:2], rtol=0, atol=0)
+    torch.manual_seed(0)
+    method.sample_timesteps(8, "cpu")
+    torch.testing.assert_close(x_t[:2], torch.randn_like(x0)[:2], rtol=0, atol=0)
+    torch.testing.assert_close(x_t[2:], inputs[0.0, 1.0][0][2:], rtol=0, atol=0)
+    assert torch.equal(t[2:], inputs[0.0, 1.0][1][2:])
+    for fraction in (0.0, 0.25):  # every diffused row moves with x0: (x_t(2 x0) - x_t(x0)) = alpha_t x0
+        rows = slice(round(fraction * 8), 8)
+        x_a, t_a, _ = inputs[fraction, 1.0]
+        x_b = inputs[fraction, 2.0][0]
+        alpha = method.teacher.schedule.alpha(t_a[rows], x0)
+        torch.testing.assert_close(x_b[rows] - x_a[rows], alpha * x0[rows], rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    t_ufogen, t_prev_ufogen = method.sample_timesteps(8, "cpu")
+    assert torch.equal(inputs[0.0, 1.0][1], t_ufogen) and torch.equal(inputs[0.0, 1.0][2], t_prev_ufogen)
+
+
 def test_exported_scheduler_samples_the_training_generator(teacher):
     """The stock pipeline with the exported scheduler returns exactly UFOGen's sample from the same noise: at one step
     the generator's x0' = G(x_T, T), with 2 and 4 steps the chain that re-noises x0' to the next t with fresh noise."""
@@ -413,6 +443,8 @@ def test_bad_method_config():
         UFOGenConfig(discriminator_reads="decoder")
     with pytest.raises(DistillError, match="--ema_decay"):
         UFOGenConfig(ema_decay=1.0)
+    with pytest.raises(DistillError, match="--noise_input_fraction"):
+        UFOGenConfig(noise_input_fraction=1.5)
 
 
 # ------------------------------------------------------------------------------------------ as a user runs it

@@ -46,6 +46,11 @@ class UFOGenConfig(EMASettings, LoRASettings):
     timestep_sampling: str = field(default="uniform", metadata={
         "help": "How the generator's t is drawn: uniform, t ~ U{1, ..., T-1} (UFOGen; the reference code), or chain, "
                 "only the K points t_k = k T/K - 1 its sampler visits (t = T-1 is the one-step sample's)."})
+    noise_input_fraction: float = field(default=0.0, metadata={
+        "help": "Fraction of each batch trained at the one-step sampler's t = T-1 on pure noise x_T = eps, the input "
+                "the sampler gives it (0: UFOGen, every input x_t ~ q(x_t | x0)). SD's schedules end at a non-zero "
+                "SNR: q(x_{T-1} | x0) still carries sqrt(abar_{T-1}) x0, about 7% of x0, which a generator trained "
+                "only on it learns to read and the sampler's pure noise does not have (Lin et al. 2024, sec. 3)."})
     previous_sample: str = field(default="marginal", metadata={
         "help": "How x_{t-1} is drawn from x0: marginal, q(x_{t-1} | x0) (UFOGen), or posterior, q(x_{t-1} | x_t, x0) "
                 "(DDGAN/SIDDM)."})
@@ -78,6 +83,8 @@ class UFOGenConfig(EMASettings, LoRASettings):
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise DistillError(f"--timestep_sampling must be uniform (UFOGen) or chain, got "
                                f"{self.timestep_sampling!r}.")
+        if not 0.0 <= self.noise_input_fraction <= 1.0:
+            raise DistillError(f"--noise_input_fraction must be in [0, 1], got {self.noise_input_fraction}.")
         if self.previous_sample not in PREVIOUS_SAMPLES:
             raise DistillError(f"--previous_sample must be marginal (UFOGen) or posterior (DDGAN/SIDDM), got "
                                f"{self.previous_sample!r}.")
@@ -155,6 +162,21 @@ class UFOGen(Method):
             t = torch.randint(1, self.teacher.schedule.num_train_timesteps, (batch_size,))
         return t.to(device), (t - self.gap).clamp(min=0).to(device)
 
+    def generator_inputs(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t, t-1): x_t ~ q(x_t | x0) (UFOGen sec. 4.1), except that the first round(f B) rows
+        (--noise_input_fraction f) sit at the one-step sampler's t = T-1 and read pure noise, as sampling does
+        (SD's terminal SNR is not zero: Lin et al. 2024, sec. 3)."""
+        t, t_prev = self.sample_timesteps(x0.shape[0], x0.device)
+        noise = torch.randn_like(x0)
+        x_t = self.teacher.schedule.add_noise(x0, noise, t)
+        pure = round(self.config.noise_input_fraction * x0.shape[0])
+        if pure:
+            t, t_prev = t.clone(), t_prev.clone()
+            t[:pure] = self.chain_timesteps(1).to(t)
+            t_prev[:pure] = (t[:pure] - self.gap).clamp(min=0)
+            x_t = torch.cat([noise[:pure].to(x_t.dtype), x_t[pure:]])
+        return x_t, t, t_prev
+
     def generate(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The generator's sample x0' = G_theta(x_t, t), read from the UNet's eps/v/x0 output (UFOGen sec. 4.1)."""
         x0, _ = self.denoiser()(x_t, t, cond)
@@ -185,10 +207,9 @@ class UFOGen(Method):
 
     def loss(self, batch: LatentBatch, step: int) -> dict[str, torch.Tensor]:
         x0 = batch.latents.float()
-        # 1. Sample t and the previous point t-1 = t - T/K of the K-step chain.
-        t, t_prev = self.sample_timesteps(x0.shape[0], x0.device)
-        # 2. Diffuse the clean latents to x_t ~ q(x_t | x0).
-        x_t = self.teacher.schedule.add_noise(x0, torch.randn_like(x0), t)
+        # 1-2. Sample t and the previous point t-1 = t - T/K of the K-step chain; diffuse the clean latents to
+        #      x_t ~ q(x_t | x0) (with --noise_input_fraction, some rows read the sampler's pure noise at t = T-1).
+        x_t, t, t_prev = self.generator_inputs(x0)
         # 3. The generator's clean sample x0' = G_theta(x_t, t).
         x0_fake = self.generate(x_t, t, batch.cond)
         # 4. Real x_{t-1} from x0 and fake x'_{t-1} from x0', with independent noise.
