@@ -49,8 +49,8 @@ class UFOGenConfig(EMASettings, LoRASettings):
     noise_input_fraction: float = field(default=0.0, metadata={
         "help": "Fraction of each batch trained at the one-step sampler's t = T-1 on pure noise x_T = eps, the input "
                 "the sampler gives it (0: UFOGen, every input x_t ~ q(x_t | x0)). SD's schedules end at a non-zero "
-                "SNR: q(x_{T-1} | x0) still carries sqrt(abar_{T-1}) x0, about 7% of x0, which a generator trained "
-                "only on it learns to read and the sampler's pure noise does not have (Lin et al. 2024, sec. 3)."})
+                "SNR: q(x_{T-1} | x0) still carries sqrt(abar_{T-1}) x0, 6.8% of x0, which a generator trained "
+                "only on it learns to read and the sampler's pure noise does not have (Lin et al. 2024)."})
     previous_sample: str = field(default="marginal", metadata={
         "help": "How x_{t-1} is drawn from x0: marginal, q(x_{t-1} | x0) (UFOGen), or posterior, q(x_{t-1} | x_t, x0) "
                 "(DDGAN/SIDDM)."})
@@ -165,7 +165,7 @@ class UFOGen(Method):
     def generator_inputs(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, t-1): x_t ~ q(x_t | x0) (UFOGen sec. 4.1), except that the first round(f B) rows
         (--noise_input_fraction f) sit at the one-step sampler's t = T-1 and read pure noise, as sampling does
-        (SD's terminal SNR is not zero: Lin et al. 2024, sec. 3)."""
+        (SD's terminal SNR is not zero: Lin et al. 2024)."""
         t, t_prev = self.sample_timesteps(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
         x_t = self.teacher.schedule.add_noise(x0, noise, t)
