@@ -47,11 +47,12 @@ def _parse_mapping(text: str) -> dict:
 
 
 def field_help(f: dataclasses.Field, off: bool = False) -> str:
-    """The help of a field's flag (``off``: of the --no_X flag that turns a default-True boolean off)."""
+    """The help of a field's flag (``off``: of the --no_X flag that turns a default-True boolean off), with any
+    literal % escaped for argparse's %-formatting of help strings."""
     text = f.metadata.get("help", "")
     if off:
-        return f.metadata.get("help_off") or f"Turn this off (it is on by default): {text}"
-    return text
+        text = f.metadata.get("help_off") or f"Turn this off (it is on by default): {text}"
+    return text.replace("%", "%%")
 
 
 def with_default(text: str, default) -> str:

@@ -49,7 +49,7 @@ class UFOGenConfig(EMASettings, LoRASettings):
     noise_input_fraction: float = field(default=0.0, metadata={
         "help": "Fraction of each batch trained at the one-step sampler's t = T-1 on pure noise x_T = eps, the input "
                 "the sampler gives it (0: UFOGen, every input x_t ~ q(x_t | x0)). SD's schedules end at a non-zero "
-                "SNR: q(x_{T-1} | x0) still carries sqrt(abar_{T-1}) x0, 6.8% of x0, which a generator trained "
+                "SNR: q(x_{T-1} | x0) still carries sqrt(abar_{T-1}) x0, 6.8% of x0 for SD, which a generator trained "
                 "only on it learns to read and the sampler's pure noise does not have (Lin et al. 2024)."})
     previous_sample: str = field(default="marginal", metadata={
         "help": "How x_{t-1} is drawn from x0: marginal, q(x_{t-1} | x0) (UFOGen), or posterior, q(x_{t-1} | x_t, x0) "
