@@ -203,9 +203,10 @@ def narrowed(channels: int) -> tuple[list[nn.Module], int]:
 
 class DiscriminatorHead(nn.Module):
     """conv 3x3 -> group norm -> SiLU -> conv 1x1 to one logit per feature-map position (a wider feature map is first
-    projected to ``MAX_HEAD_WIDTH`` channels)."""
+    projected to ``MAX_HEAD_WIDTH`` channels); ``zero_init`` starts the last convolution at zero, so every logit
+    starts at 0, as the UFOGen reference code's zero-initialised output layer does."""
 
-    def __init__(self, channels: int, norm_num_groups: int = 32):
+    def __init__(self, channels: int, norm_num_groups: int = 32, zero_init: bool = False):
         super().__init__()
         projection, channels = narrowed(channels)
         self.layers = nn.Sequential(
@@ -215,6 +216,9 @@ class DiscriminatorHead(nn.Module):
             nn.SiLU(),
             nn.Conv2d(channels, 1, 1),
         )
+        if zero_init:
+            nn.init.zeros_(self.layers[-1].weight)
+            nn.init.zeros_(self.layers[-1].bias)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         return self.layers(feature)
@@ -223,15 +227,16 @@ class DiscriminatorHead(nn.Module):
 class DiscriminatorHeads(nn.Module):
     """The only trainable part of the discriminator: one head per encoder feature level of the frozen UNet."""
 
-    def __init__(self, channels: list[int], norm_num_groups: int = 32):
+    def __init__(self, channels: list[int], norm_num_groups: int = 32, zero_init: bool = False):
         super().__init__()
-        self.heads = nn.ModuleList(DiscriminatorHead(c, norm_num_groups) for c in channels)
+        self.heads = nn.ModuleList(DiscriminatorHead(c, norm_num_groups, zero_init) for c in channels)
 
     @classmethod
-    def from_unet_config(cls, unet_config, whole_network: bool = False) -> "DiscriminatorHeads":
+    def from_unet_config(cls, unet_config, whole_network: bool = False, zero_init: bool = False
+                         ) -> "DiscriminatorHeads":
         """Heads matching the feature maps of a network (UNet or transformer) with this config: its encoder's, or
         (``whole_network``) those of its full forward."""
-        return cls(feature_channels(unet_config, whole_network), unet_config.get("norm_num_groups") or 32)
+        return cls(feature_channels(unet_config, whole_network), unet_config.get("norm_num_groups") or 32, zero_init)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """One logit map per feature level."""

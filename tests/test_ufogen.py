@@ -177,6 +177,37 @@ def test_each_loss_reaches_only_its_own_parameters(sd_teacher, previous_sample, 
                    if "lora_B" in n)
 
 
+@pytest.mark.parametrize("reads", ["encoder", "network"])
+def test_zero_initialised_heads_start_every_logit_at_zero_and_learn_from_their_last_layer(sd_teacher, reads):
+    """--discriminator_zero_init: each head's last convolution starts at zero, so every logit is exactly 0, the
+    generator's first adversarial gradient is zero (d logit / d feature is the zero layer), and the discriminator's
+    first gradient reaches that layer's weights alone (the layers under it sit behind the zero weights)."""
+    method, conditioner = make_method(sd_teacher, reconstruction_weight=0.0, discriminator_zero_init=True,
+                                      discriminator_reads=reads, adversarial_loss="logistic")
+    move_off_teacher(method)
+    discriminator = method.nets["discriminator"]
+    heads = discriminator.heads
+    last_layers = [head.layers[-1] for head in heads.heads]
+    assert all(layer.weight.abs().sum() == 0 and layer.bias.abs().sum() == 0 for layer in last_layers)
+    features = [torch.randn(2, c, 4, 4) for c in feature_channels(method.teacher.unet.config, reads == "network")]
+    assert all(torch.equal(logits, torch.zeros_like(logits)) for logits in heads(features))
+
+    losses = method.loss(make_batch(conditioner), 0)
+    losses["unet"].backward()
+    lora = method.trainable()["unet"]
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in lora)
+    losses["discriminator"].backward()
+    # (the last layer's bias is not asked to move: at logit 0, real and fake rows pull it equally and oppositely)
+    last_weights = {id(layer.weight) for layer in last_layers}
+    last_biases = {id(layer.bias) for layer in last_layers}
+    for p in heads.parameters():
+        if id(p) not in last_biases:
+            assert (p.grad is not None and p.grad.abs().sum() > 0) == (id(p) in last_weights)
+
+    default_heads, _ = make_method(sd_teacher, discriminator_reads=reads)
+    assert all(head.layers[-1].weight.abs().sum() > 0 for head in default_heads.nets["discriminator"].heads.heads)
+
+
 def test_the_whole_network_features_end_in_what_the_unet_outputs(sd_teacher):
     """--discriminator_reads network: one full forward gives the encoder's feature maps (equal to the encoder-only
     pass) and the up blocks' outputs, the last of which the UNet's output layers turn into its own prediction."""

@@ -65,6 +65,9 @@ class UFOGenConfig(EMASettings, LoRASettings):
         "help": "Which features of the pre-trained network the discriminator's heads read: encoder (down and mid "
                 "blocks; a transformer's first half) or network (a full forward: also the up blocks, at the latent's "
                 "resolution; a transformer's final tokens), as UFOGen's discriminator is the whole network."})
+    discriminator_zero_init: bool = field(default=False, metadata={
+        "help": "Start the last layer of each discriminator head at zero, so every logit starts at 0 (the reference "
+                "code zero-initialises its discriminator's output layer)."})
     discriminator_lora_rank: int | None = field(default=None, metadata={
         "help": "LoRA rank of the discriminator's encoder (--discriminator_backbone lora; default: --lora_rank)."})
     discriminator_adam_beta1: float | None = field(default=None, metadata={
@@ -127,7 +130,8 @@ class UFOGen(Method):
         config.check_against_teacher(num_train_timesteps)
         self.gap = num_train_timesteps // config.num_denoising_steps
         self.whole_network = config.discriminator_reads == "network"
-        heads = DiscriminatorHeads.from_unet_config(teacher.unet.config, self.whole_network).to(teacher.unet.device)
+        heads = DiscriminatorHeads.from_unet_config(teacher.unet.config, self.whole_network,
+                                                  config.discriminator_zero_init).to(teacher.unet.device)
         if config.discriminator_backbone == "lora":
             rank = config.discriminator_lora_rank or config.lora_rank
             targets = config.targets(teacher.lora_targets)
@@ -154,13 +158,17 @@ class UFOGen(Method):
 
     def sample_timesteps(self, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """t ~ U{1, ..., T-1} (UFOGen sec. 4; reference code), or t uniform on the sampler's K-point chain, and
-        t-1 := max(t - T/K, 0), a large denoising step (the chain's next point)."""
+        its t-1 (``previous_timestep``)."""
         if self.config.timestep_sampling == "chain":
             chain = self.chain_timesteps(self.config.num_denoising_steps)
             t = chain[torch.randint(0, len(chain), (batch_size,))]
         else:
             t = torch.randint(1, self.teacher.schedule.num_train_timesteps, (batch_size,))
-        return t.to(device), (t - self.gap).clamp(min=0).to(device)
+        return t.to(device), self.previous_timestep(t).to(device)
+
+    def previous_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """t-1 := max(t - T/K, 0): one large denoising step, the chain's next point (UFOGen sec. 4.1)."""
+        return (t - self.gap).clamp(min=0)
 
     def generator_inputs(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, t-1): x_t ~ q(x_t | x0) (UFOGen sec. 4.1), except that the first round(f B) rows
@@ -173,7 +181,7 @@ class UFOGen(Method):
         if pure:
             t, t_prev = t.clone(), t_prev.clone()
             t[:pure] = self.chain_timesteps(1).to(t)
-            t_prev[:pure] = (t[:pure] - self.gap).clamp(min=0)
+            t_prev[:pure] = self.previous_timestep(t[:pure])
             x_t = torch.cat([noise[:pure].to(x_t.dtype), x_t[pure:]])
         return x_t, t, t_prev
 
