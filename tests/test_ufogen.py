@@ -423,6 +423,28 @@ def test_noise_input_rows_read_pure_noise_at_the_one_step_samplers_timestep(sd_t
     assert torch.equal(inputs[0.0, 1.0][1], t_ufogen) and torch.equal(inputs[0.0, 1.0][2], t_prev_ufogen)
 
 
+def test_noise_input_rows_can_be_judged_at_any_lower_noise_level(sd_teacher):
+    """--noise_input_previous_timestep uniform: the pure-noise rows keep t = T-1 and their input, and their t-1 is
+    drawn on {0, ..., T-1 - T/K}, spread over all of it; the other rows keep t-1 = t - T/K (clamped at 0)."""
+    x0 = torch.randn(64, 4, 4, 4)
+    chain, _ = make_method(sd_teacher, noise_input_fraction=0.5)
+    uniform, _ = make_method(sd_teacher, noise_input_fraction=0.5, noise_input_previous_timestep="uniform")
+    torch.manual_seed(0)
+    x_chain, t_chain, _ = chain.generator_inputs(x0)
+    draws = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        x_t, t, t_prev = uniform.generator_inputs(x0)
+        if seed == 0:
+            torch.testing.assert_close(x_t, x_chain, rtol=0, atol=0)
+            assert torch.equal(t, t_chain)
+        assert (t[:32] == 999).all()
+        assert torch.equal(t_prev[32:], (t[32:] - 250).clamp(min=0))
+        draws.append(t_prev[:32])
+    judged = torch.cat(draws)
+    assert 0 <= judged.min() < 25 and 725 < judged.max() <= 749 and len(judged.unique()) > 400
+
+
 def test_exported_scheduler_samples_the_training_generator(teacher):
     """The stock pipeline with the exported scheduler returns exactly UFOGen's sample from the same noise: at one step
     the generator's x0' = G(x_T, T), with 2 and 4 steps the chain that re-noises x0' to the next t with fresh noise."""
@@ -476,6 +498,8 @@ def test_bad_method_config():
         UFOGenConfig(ema_decay=1.0)
     with pytest.raises(DistillError, match="--noise_input_fraction"):
         UFOGenConfig(noise_input_fraction=1.5)
+    with pytest.raises(DistillError, match="--noise_input_previous_timestep"):
+        UFOGenConfig(noise_input_previous_timestep="any")
 
 
 # ------------------------------------------------------------------------------------------ as a user runs it

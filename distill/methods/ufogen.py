@@ -33,6 +33,7 @@ from .base import LatentBatch, Method, SamplingSpec, Teacher
 DISCRIMINATOR = "discriminator"
 PREVIOUS_SAMPLES = ("marginal", "posterior")
 TIMESTEP_SAMPLINGS = ("uniform", "chain")
+NOISE_INPUT_PREVIOUS = ("chain", "uniform")
 DISCRIMINATOR_BACKBONES = ("frozen", "lora")
 DISCRIMINATOR_READS = ("encoder", "network")
 
@@ -51,6 +52,11 @@ class UFOGenConfig(EMASettings, LoRASettings):
                 "the sampler gives it (0: UFOGen, every input x_t ~ q(x_t | x0)). SD's schedules end at a non-zero "
                 "SNR: q(x_{T-1} | x0) still carries sqrt(abar_{T-1}) x0, 6.8% of x0 for SD, which a generator trained "
                 "only on it learns to read and the sampler's pure noise does not have (Lin et al. 2024)."})
+    noise_input_previous_timestep: str = field(default="chain", metadata={
+        "help": "t-1 of the pure-noise rows (--noise_input_fraction): chain, T-1 - T/K, the chain's next point "
+                "(UFOGen's pair), or uniform on {0, ..., T-1 - T/K}: the one-step sample is judged at every noise level "
+                "up to the chain's, low ones included (q(x_s | x0') matches q(x_s) at every s when x0' matches the "
+                "data, as in Diffusion-GAN)."})
     previous_sample: str = field(default="marginal", metadata={
         "help": "How x_{t-1} is drawn from x0: marginal, q(x_{t-1} | x0) (UFOGen), or posterior, q(x_{t-1} | x_t, x0) "
                 "(DDGAN/SIDDM)."})
@@ -88,6 +94,9 @@ class UFOGenConfig(EMASettings, LoRASettings):
                                f"{self.timestep_sampling!r}.")
         if not 0.0 <= self.noise_input_fraction <= 1.0:
             raise DistillError(f"--noise_input_fraction must be in [0, 1], got {self.noise_input_fraction}.")
+        if self.noise_input_previous_timestep not in NOISE_INPUT_PREVIOUS:
+            raise DistillError(f"--noise_input_previous_timestep must be chain or uniform, got "
+                               f"{self.noise_input_previous_timestep!r}.")
         if self.previous_sample not in PREVIOUS_SAMPLES:
             raise DistillError(f"--previous_sample must be marginal (UFOGen) or posterior (DDGAN/SIDDM), got "
                                f"{self.previous_sample!r}.")
@@ -173,7 +182,8 @@ class UFOGen(Method):
     def generator_inputs(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, t-1): x_t ~ q(x_t | x0) (UFOGen sec. 4.1), except that the first round(f B) rows
         (--noise_input_fraction f) sit at the one-step sampler's t = T-1 and read pure noise, as sampling does
-        (SD's terminal SNR is not zero: Lin et al. 2024)."""
+        (SD's terminal SNR is not zero: Lin et al. 2024), with t-1 the chain's next point or (uniform) any lower one
+        (Diffusion-GAN, Wang et al. 2023, sec. 3: matching diffused distributions at any level matches the data)."""
         t, t_prev = self.sample_timesteps(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
         x_t = self.teacher.schedule.add_noise(x0, noise, t)
@@ -182,6 +192,8 @@ class UFOGen(Method):
             t, t_prev = t.clone(), t_prev.clone()
             t[:pure] = self.chain_timesteps(1).to(t)
             t_prev[:pure] = self.previous_timestep(t[:pure])
+            if self.config.noise_input_previous_timestep == "uniform":
+                t_prev[:pure] = torch.randint(0, int(t_prev[0]) + 1, (pure,)).to(t_prev)
             x_t = torch.cat([noise[:pure].to(x_t.dtype), x_t[pure:]])
         return x_t, t, t_prev
 
