@@ -237,6 +237,9 @@ seed, drawn = run_seed(None, None)
 accelerator = Accelerator()
 report = f"rank={accelerator.process_index} processes={accelerator.num_processes} seed={seed} drawn={drawn}"
 Path(sys.argv[1], f"rank{accelerator.process_index}.txt").write_text(report)
+# As the trainer ends: a rank leaving with its gloo group alive while the other has gone can abort at exit.
+accelerator.wait_for_everyone()
+accelerator.end_training()
 '''
 
 
