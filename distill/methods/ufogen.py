@@ -190,10 +190,11 @@ class UFOGen(Method):
         pure = round(self.config.noise_input_fraction * x0.shape[0])
         if pure:
             t, t_prev = t.clone(), t_prev.clone()
-            t[:pure] = self.chain_timesteps(1).to(t)
-            t_prev[:pure] = self.previous_timestep(t[:pure])
+            one_step_t = self.chain_timesteps(1).to(t)
+            chain_next = self.previous_timestep(one_step_t)
+            t[:pure], t_prev[:pure] = one_step_t, chain_next
             if self.config.noise_input_previous_timestep == "uniform":
-                t_prev[:pure] = torch.randint(0, int(t_prev[0]) + 1, (pure,)).to(t_prev)
+                t_prev[:pure] = torch.randint(0, int(chain_next) + 1, (pure,)).to(t_prev)
             x_t = torch.cat([noise[:pure].to(x_t.dtype), x_t[pure:]])
         return x_t, t, t_prev
 
